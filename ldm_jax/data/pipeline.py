@@ -1,0 +1,341 @@
+"""Deterministic, exactly resumable, multi-host batch iterator over the sources in `sources.py`.
+
+The global batch for step s is a pure function of (seed, s): example positions s*B .. s*B+B-1 of the endless
+sequence perm(seed, 0) ++ perm(seed, 1) ++ ..., augmentation randomness from (seed, s, row). Process i of P
+gets rows i*B/P .. (i+1)*B/P - 1, so the processes' slices concatenate to the single-process batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import queue
+import threading
+import weakref
+import zlib
+
+import numpy as np
+from ml_collections import config_dict
+
+from ldm_jax.data.sources import (
+    FashionMNISTSource,
+    ImageFolderSource,
+    PhotoSource,
+    TFDSSource,
+    resize_uint8,
+)
+
+PREPROCESS_MODES = ("pad", "resize", "random_crop")
+_PERM_TAG, _AUG_TAG = 0, 1  # separate SeedSequence streams for permutations and augmentation
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 (H, W, C) -> (H, W, channels): gray is repeated to RGB; RGB -> gray uses PIL's ITU-R 601 luma."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] in (2, 4):  # drop alpha
+        image = image[..., :-1]
+    c = image.shape[-1]
+    if c == channels:
+        return image
+    if channels == 3 and c == 1:
+        return np.repeat(image, 3, axis=-1)
+    if channels == 1 and c == 3:
+        rgb = image.astype(np.uint32)  # same integer formula as PIL convert("L"); exact for R == G == B
+        luma = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
+        return luma.astype(np.uint8)[..., None]
+    raise ValueError(f"data.channels: cannot convert a {c}-channel image to {channels} channels")
+
+
+def _pad_or_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Centres `image` on a size x size canvas of zeros (background), cropping the centre of larger sides."""
+    out = image
+    for axis in (0, 1):
+        n = out.shape[axis]
+        if n > size:
+            start = (n - size) // 2
+            out = out[start:start + size] if axis == 0 else out[:, start:start + size]
+        elif n < size:
+            before = (size - n) // 2
+            pad = [(0, 0)] * 3
+            pad[axis] = (before, size - n - before)
+            out = np.pad(out, pad)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessor:
+    """Maps uint8 (H, W, C) to uint8 (resolution, resolution, channels); `augment` enables randomness."""
+
+    resolution: int
+    channels: int = 3
+    mode: str = "pad"
+    random_flip: bool = False
+    augment: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.resolution, (int, np.integer)) or self.resolution < 1:
+            raise ValueError(f"data.resolution must be a positive int, got {self.resolution!r}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"data.channels must be 1 or 3, got {self.channels!r}")
+        if self.mode not in PREPROCESS_MODES:
+            raise ValueError(f"data.preprocess must be one of {PREPROCESS_MODES}, got {self.mode!r}")
+
+    @property
+    def needs_rng(self) -> bool:
+        """Whether outputs depend on random numbers (then `__call__` needs an rng)."""
+        return self.augment and (self.random_flip or self.mode == "random_crop")
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Channel conversion, geometry ('pad' | shorter side to resolution then centre/random crop), flip."""
+        r = self.resolution
+        # Always draw the same three numbers so one augmentation never shifts another's randomness.
+        u = rng.random(3) if (self.needs_rng and rng is not None) else np.array([0.5, 0.5, 1.0])
+        image = to_channels(np.asarray(image), self.channels)
+        if self.mode == "pad":
+            image = _pad_or_crop(image, r)
+        else:
+            h, w = image.shape[:2]
+            scale = r / min(h, w)
+            nh, nw = max(r, round(h * scale)), max(r, round(w * scale))
+            image = resize_uint8(image, nh, nw)
+            if self.mode == "random_crop" and self.augment:
+                y, x = int(u[0] * (nh - r + 1)), int(u[1] * (nw - r + 1))
+            else:
+                y, x = (nh - r) // 2, (nw - r) // 2
+            image = image[y:y + r, x:x + r]
+        if self.random_flip and self.augment and u[2] < 0.5:
+            image = image[:, ::-1]
+        return image
+
+
+def to_float(images: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [-1, 1] (0 -> -1, 255 -> 1)."""
+    return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+class BatchIterator:
+    """Batches dict(image=float32 (B_local, H, W, C) in [-1, 1], label=int32 (B_local,)); see module doc."""
+
+    def __init__(self, source, batch_size: int, seed: int, preprocessor: Preprocessor, *,
+                 shuffle: bool = True, num_examples: int | None = None, num_epochs: int | None = None,
+                 process_index: int = 0, process_count: int = 1, prefetch: int = 0):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"train.batch_size must be a positive int, got {batch_size!r}")
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
+        if batch_size % process_count:
+            raise ValueError(f"train.batch_size {batch_size} not divisible by process_count {process_count}")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if num_examples is not None and num_examples < 1:
+            raise ValueError(f"data.num_examples must be positive or None, got {num_examples}")
+        n = len(source) if num_examples is None else min(int(num_examples), len(source))
+        if n < 1:
+            raise ValueError("data.name: the dataset is empty")
+        self.source, self.preprocessor = source, preprocessor
+        self.batch_size, self.seed, self.shuffle, self.num_examples = batch_size, int(seed), shuffle, n
+        self.process_index, self.process_count = process_index, process_count
+        self.local_batch_size = batch_size // process_count
+        self.steps_per_epoch = math.ceil(n / batch_size)
+        # With num_epochs set, iteration stops after ceil(num_epochs * n / B) batches (the last may wrap).
+        self.num_steps = None if num_epochs is None else math.ceil(num_epochs * n / batch_size)
+        self.step = 0
+        self._perms: dict[int, np.ndarray] = {}
+        self._perm_lock = threading.Lock()
+        self.prefetch = int(prefetch)
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop: threading.Event | None = None
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable files the source has skipped so far (0 for sources that cannot have any)."""
+        return getattr(self.source, "num_skipped", 0)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The example order of `epoch`: a pure function of (seed, epoch) (identity when shuffle is off)."""
+        with self._perm_lock:
+            perm = self._perms.get(epoch)
+            if perm is None:
+                if self.shuffle:
+                    perm = np.random.default_rng([self.seed, _PERM_TAG, epoch]).permutation(self.num_examples)
+                else:
+                    perm = np.arange(self.num_examples)
+                if len(self._perms) >= 4:  # batches straddle at most two epochs; keep the cache tiny
+                    self._perms.pop(min(self._perms))
+                self._perms[epoch] = perm
+            return perm
+
+    def indices_at(self, step: int) -> np.ndarray:
+        """Source indices of this process's rows of the global batch at `step`."""
+        rows = self.process_index * self.local_batch_size + np.arange(self.local_batch_size)
+        pos = step * self.batch_size + rows
+        epochs, offsets = np.divmod(pos, self.num_examples)
+        return np.array([self.permutation(int(e))[o] for e, o in zip(epochs, offsets, strict=True)], np.int64)
+
+    def batch_at(self, step: int) -> dict:
+        """This process's slice of the global batch at `step` (pure function of seed and step)."""
+        if step < 0:
+            raise ValueError(f"step must be non-negative, got {step}")
+        row0 = self.process_index * self.local_batch_size
+        images, labels = [], []
+        for k, idx in enumerate(self.indices_at(step)):
+            ex = self.source.get(int(idx))
+            rng = None
+            if self.preprocessor.needs_rng:
+                rng = np.random.default_rng([self.seed, _AUG_TAG, step, row0 + k])
+            images.append(self.preprocessor(ex["image"], rng))
+            labels.append(ex["label"])
+        return {"image": to_float(np.stack(images)), "label": np.asarray(labels, np.int32)}
+
+    # --- iteration, with an optional background thread computing the next batches in order ---
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> dict:
+        if self.num_steps is not None and self.step >= self.num_steps:
+            raise StopIteration
+        if self.prefetch > 0:
+            batch = self._next_prefetched()
+        else:
+            batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    @staticmethod
+    def _worker(ref: weakref.ref, start: int, q: queue.Queue, stop: threading.Event) -> None:
+        # Holds only a weak reference between batches, so an abandoned iterator is collected and stops this.
+        step = start
+        while not stop.is_set():
+            it = ref()
+            if it is None or (it.num_steps is not None and step >= it.num_steps):
+                return
+            try:
+                item = (step, it.batch_at(step), None)
+            except Exception as e:  # surfaced in the caller's thread by __next__
+                item = (step, None, e)
+            del it
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+            step += 1
+
+    def _next_prefetched(self) -> dict:
+        if self._thread is None:
+            self._queue, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
+            args = (weakref.ref(self), self.step, self._queue, self._stop)
+            self._thread = threading.Thread(target=self._worker, args=args, daemon=True, name="data-prefetch")
+            self._thread.start()
+        step, batch, error = self._queue.get()
+        if error is not None:
+            self.close()
+            raise error
+        if step != self.step:  # cannot happen unless `step` was assigned directly; recover exactly
+            self.close()
+            return self.batch_at(self.step)
+        return batch
+
+    def close(self) -> None:
+        """Stops the prefetch thread (iteration restarts it at the current step)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = self._queue = self._stop = None
+
+    def __enter__(self) -> BatchIterator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_stop", None) is not None:
+            self._stop.set()  # no join: __del__ may run on the worker thread itself
+
+    def state(self) -> dict:
+        """JSON-able position; process-independent, so a run may resume with a different process count."""
+        return {"step": int(self.step), "seed": self.seed, "batch_size": self.batch_size,
+                "num_examples": self.num_examples, "shuffle": bool(self.shuffle)}
+
+    def restore(self, state: dict) -> None:
+        """Continues from a `state()` dict; refuses one saved with another seed, batch or dataset size."""
+        mine = self.state()
+        for key in ("seed", "batch_size", "num_examples", "shuffle"):
+            if key in state and state[key] != mine[key]:
+                raise ValueError(f"data iterator state has {key}={state[key]!r}, this run has {mine[key]!r}")
+        if int(state["step"]) < 0:
+            raise ValueError(f"data iterator state has a negative step {state['step']}")
+        self.close()
+        self.step = int(state["step"])
+
+
+def default_data_config() -> config_dict.ConfigDict:
+    """Fashion-MNIST defaults: 28x28 padded with background to 32x32, 1 channel, no flip."""
+    return config_dict.ConfigDict({
+        "name": "fashion_mnist",  # fashion_mnist | photos | folder | tfds:<name>
+        "path": "",  # folder: root (may contain '{split}')
+        "data_dir": config_dict.placeholder(str),  # tfds (None: $TFDS_DATA_DIR or ~/tensorflow_datasets)
+        "resolution": 32,
+        "channels": 1,
+        "preprocess": "pad",  # pad | resize | random_crop
+        "random_flip": False,
+        "num_examples": config_dict.placeholder(int),  # cap: use only the first n examples
+        "shuffle": True,
+        "prefetch": 2,  # batches computed ahead by a background thread (0: none)
+        "photo_names": "",  # photos: comma-separated skimage.data names ('' = defaults)
+        "num_crops": 1024,  # photos: crops per split
+        "image_key": "image",  # tfds feature names
+        "label_key": "label",
+    })
+
+
+def _field(cfg: config_dict.ConfigDict, key: str, default):
+    value = cfg.get(key, default)
+    return default if value is None else value
+
+
+def make_source(data_cfg: config_dict.ConfigDict, split: str):
+    """Builds the example source named by `data_cfg.name` for `split`."""
+    name = str(data_cfg.get("name", ""))
+    if name == "fashion_mnist":
+        return FashionMNISTSource(split)
+    if name == "photos":
+        names = _field(data_cfg, "photo_names", "")
+        names = [s.strip() for s in names.split(",") if s.strip()] if isinstance(names, str) else list(names)
+        # Different splits see different crops of the same photos.
+        num_crops = int(_field(data_cfg, "num_crops", 1024))
+        return PhotoSource(names or None, crop=int(data_cfg.resolution), num_crops=num_crops,
+                           seed=zlib.crc32(split.encode()))
+    if name == "folder":
+        path = str(_field(data_cfg, "path", ""))
+        return ImageFolderSource(path.replace("{split}", split))
+    if name.startswith("tfds:") and len(name) > 5:
+        return TFDSSource(name[5:], split, data_dir=data_cfg.get("data_dir"),
+                          image_key=_field(data_cfg, "image_key", "image"),
+                          label_key=_field(data_cfg, "label_key", "label"))
+    raise ValueError(f"data.name must be fashion_mnist, photos, folder or tfds:<name>, got {name!r}")
+
+
+def make_dataset(data_cfg: config_dict.ConfigDict, split: str, batch_size: int, seed: int,
+                 process_index: int = 0, process_count: int = 1, *, augment: bool | None = None,
+                 num_epochs: int | None = None) -> BatchIterator:
+    """This process's batches of `split`; augmentation (flip, random crop) defaults to split == 'train'."""
+    preprocessor = Preprocessor(
+        resolution=data_cfg.resolution, channels=data_cfg.channels, mode=data_cfg.preprocess,
+        random_flip=bool(data_cfg.random_flip), augment=(split == "train") if augment is None else augment)
+    # Validate the cheap things before touching the data.
+    if isinstance(batch_size, int) and process_count >= 1 and batch_size % process_count:
+        raise ValueError(f"train.batch_size {batch_size} not divisible by process_count {process_count}")
+    source = make_source(data_cfg, split)
+    shuffle = bool(_field(data_cfg, "shuffle", True))
+    return BatchIterator(source, batch_size, seed, preprocessor, shuffle=shuffle,
+                         num_examples=data_cfg.get("num_examples"), num_epochs=num_epochs,
+                         process_index=process_index, process_count=process_count,
+                         prefetch=int(_field(data_cfg, "prefetch", 0)))

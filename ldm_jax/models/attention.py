@@ -1,0 +1,158 @@
+"""Transformer pieces of the latent-diffusion UNet: CrossAttention, GEGLU feed-forward, SpatialTransformer.
+
+Semantics follow the reference ldm/modules/attention.py; layout is NHWC and tokens are (B, L, C).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+_CUDNN_BLOCK = 64  # cuDNN flash attention wants sequence lengths in multiples of this (e.g. text length 77)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, impl: str | None = None) -> jax.Array:
+    """Softmax attention on (B, L, heads, d) via jax.nn.dot_product_attention(implementation=impl).
+
+    For "cudnn", lengths that are not multiples of 64 (77 text tokens, 16 pixels) are padded and masked.
+    """
+    if impl == "cudnn" and (q.shape[1] % _CUDNN_BLOCK or k.shape[1] % _CUDNN_BLOCK):
+        return padded_attention(q, k, v, scale, impl)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
+
+
+def padded_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, impl: str | None = None, block: int = _CUDNN_BLOCK
+) -> jax.Array:
+    """attention() with q and k/v zero-padded to multiples of `block`, the padding masked via seq lengths."""
+    b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+    pad = lambda t, n: jnp.pad(t, ((0, 0), (0, n), (0, 0), (0, 0)))
+    out = jax.nn.dot_product_attention(
+        pad(q, -lq % block),
+        pad(k, -lk % block),
+        pad(v, -lk % block),
+        scale=scale,
+        implementation=impl,
+        query_seq_lengths=jnp.full((b,), lq, jnp.int32),
+        key_value_seq_lengths=jnp.full((b,), lk, jnp.int32),
+    )
+    return out[:, :lq]
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x over context (self-attention when context is None).
+
+    q/k/v projections have no bias, the output projection has one, the scale is dim_head**-0.5.
+    `attention_impl` goes to `jax.nn.dot_product_attention(implementation=...)`: None/"xla", or "cudnn" on GPU
+    (cudnn needs float16/bfloat16 compute; other lengths than multiples of 64 are padded and masked).
+    """
+
+    query_dim: int
+    context_dim: int | None = None
+    heads: int = 8
+    dim_head: int = 64
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        if context is None:
+            context = x
+        inner = self.heads * self.dim_head
+        dense = lambda name, feats, bias: nn.Dense(feats, use_bias=bias, dtype=self.dtype, name=name)
+        q = dense("to_q", inner, False)(x)
+        k = dense("to_k", inner, False)(context)
+        v = dense("to_v", inner, False)(context)
+        split = lambda t: t.reshape(t.shape[:-1] + (self.heads, self.dim_head))
+        out = attention(split(q), split(k), split(v), self.dim_head**-0.5, self.attention_impl)
+        out = out.reshape(out.shape[:-2] + (inner,))
+        return dense("to_out", self.query_dim, True)(out)
+
+
+class GEGLU(nn.Module):
+    """Dense to 2*dim_out, then value * GELU(gate) (exact erf GELU, as torch's F.gelu)."""
+
+    dim_out: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.Dense(2 * self.dim_out, dtype=self.dtype, name="proj")(x)
+        value, gate = jnp.split(h, 2, axis=-1)
+        return value * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """GEGLU(dim -> mult*dim) then Dense back to dim_out (default dim)."""
+
+    dim: int
+    dim_out: int | None = None
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = GEGLU(self.dim * self.mult, dtype=self.dtype, name="geglu")(x)
+        return nn.Dense(self.dim_out or self.dim, dtype=self.dtype, name="out")(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LN block: x += self-attn(LN x); x += cross-attn(LN x, context); x += FF(LN x)."""
+
+    dim: int
+    n_heads: int
+    d_head: int
+    context_dim: int | None = None
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
+        attn = lambda name, ctx_dim: CrossAttention(
+            self.dim, ctx_dim, self.n_heads, self.d_head, self.dtype, self.attention_impl, name=name
+        )
+        x = x + attn("attn1", None)(ln("norm1")(x))
+        x = x + attn("attn2", self.context_dim)(ln("norm2")(x), context)
+        x = x + FeedForward(self.dim, dtype=self.dtype, name="ff")(ln("norm3")(x))
+        return x
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm(32, eps 1e-6) -> 1x1 proj_in -> depth blocks on (B, H*W, C) -> zero 1x1 proj_out, + x."""
+
+    in_channels: int
+    n_heads: int
+    d_head: int
+    depth: int = 1
+    context_dim: int | None = None
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        b, h, w, c = x.shape
+        inner = self.n_heads * self.d_head
+        # Norm statistics in float32 (autocast runs group_norm in fp32 in the reference too).
+        y = nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=jnp.float32, name="norm")(x.astype(jnp.float32))
+        y = nn.Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(y.astype(self.dtype))
+        y = y.reshape(b, h * w, inner)
+        for i in range(self.depth):
+            y = BasicTransformerBlock(
+                inner,
+                self.n_heads,
+                self.d_head,
+                self.context_dim,
+                self.dtype,
+                self.attention_impl,
+                name=f"transformer_blocks_{i}",
+            )(y, context)
+        y = y.reshape(b, h, w, inner)
+        y = nn.Conv(c, (1, 1), dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(y)
+        return x + y.astype(x.dtype)

@@ -1,0 +1,344 @@
+"""The latent-diffusion UNet, NHWC, Flax linen.
+
+Semantics follow the reference ldm/modules/diffusionmodules/openaimodel.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.models.attention import SpatialTransformer, attention
+
+Dtype = Any
+REMAT_POLICIES = (None, "full", "dots_saveable", "nothing_saveable")
+_zeros = nn.initializers.zeros
+_default_kernel = nn.initializers.lecun_normal()
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding (B,) -> (B, dim) float32 in [cos, sin] order, zero-padded when dim is odd."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(timesteps, jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def validate_unet_config(
+    *,
+    model_channels: int,
+    channel_mult: Sequence[int],
+    num_res_blocks: int,
+    attention_resolutions: Sequence[int],
+    num_heads: int = -1,
+    num_head_channels: int = -1,
+    use_spatial_transformer: bool = False,
+    transformer_depth: int = 1,
+    context_dim: int | None = None,
+    dropout: float = 0.0,
+    remat_policy: str | None = None,
+) -> None:
+    """Raise ValueError (one line naming the field) for a config the reference would reject or mis-build."""
+    if not channel_mult or any(m < 1 for m in channel_mult):
+        raise ValueError(f"channel_mult must be a non-empty sequence of positive ints, got {channel_mult}")
+    if num_res_blocks < 0:
+        raise ValueError(f"num_res_blocks must be >= 0, got {num_res_blocks}")
+    bad = [c for c in (model_channels * m for m in channel_mult) if c % 32]
+    if model_channels < 1 or bad:
+        raise ValueError(f"model_channels * channel_mult must be multiples of 32 (GroupNorm32), got {bad}")
+    reached = {2**i for i in range(len(channel_mult))}
+    unreached = sorted(set(attention_resolutions) - reached)
+    if unreached:
+        raise ValueError(
+            f"attention_resolutions {unreached} never reached: channel_mult {tuple(channel_mult)} gives "
+            f"downsample factors {sorted(reached)} (max ds = {2 ** (len(channel_mult) - 1)})"
+        )
+    if (num_heads == -1) == (num_head_channels == -1):
+        raise ValueError(
+            "num_heads / num_head_channels: give exactly one (the other -1), "
+            f"got {num_heads} / {num_head_channels}"
+        )
+    # Channel counts that carry attention: attention levels (down and up paths) and the middle block.
+    att_chs = {model_channels * m for i, m in enumerate(channel_mult) if 2**i in attention_resolutions}
+    att_chs.add(model_channels * channel_mult[-1])
+    for ch in sorted(att_chs):
+        if num_head_channels != -1 and (num_head_channels < 1 or ch % num_head_channels):
+            raise ValueError(f"num_head_channels {num_head_channels} does not divide attention channels {ch}")
+        if num_heads != -1 and (num_heads < 1 or ch % num_heads):
+            raise ValueError(f"num_heads {num_heads} does not divide attention channels {ch}")
+    if use_spatial_transformer and context_dim is None:
+        raise ValueError("context_dim must be set when use_spatial_transformer is True")
+    if use_spatial_transformer and transformer_depth < 1:
+        raise ValueError(f"transformer_depth must be >= 1, got {transformer_depth}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {remat_policy!r}")
+
+
+class GroupNorm32(nn.Module):
+    """GroupNorm(32 groups, eps 1e-5) computed in float32, result cast back to the input dtype."""
+
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nn.GroupNorm(num_groups=32, epsilon=self.epsilon, dtype=jnp.float32, name="norm")(
+            x.astype(jnp.float32)
+        )
+        return y.astype(x.dtype)
+
+
+def _upsample_nearest(x: jax.Array) -> jax.Array:
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class Downsample(nn.Module):
+    """Halve H and W: 3x3 stride-2 conv (padding 1) if use_conv, else 2x2 average pooling."""
+
+    channels: int
+    use_conv: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_conv:
+            return nn.Conv(
+                self.channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype, name="op"
+            )(x)
+        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Upsample(nn.Module):
+    """Double H and W by nearest neighbour, then a 3x3 conv if use_conv."""
+
+    channels: int
+    use_conv: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = _upsample_nearest(x)
+        if self.use_conv:
+            x = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv")(x)
+        return x
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, + time-embedding projection (or scale-shift), GN-SiLU-dropout-zero conv, + skip."""
+
+    out_channels: int
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = False
+    up: bool = False
+    down: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
+        conv = lambda name, k, init=_default_kernel: nn.Conv(
+            self.out_channels, (k, k), padding="SAME", dtype=self.dtype, kernel_init=init, name=name
+        )
+        h = nn.silu(GroupNorm32(name="in_norm")(x))
+        if self.up or self.down:  # resample both paths between the activation and the conv, as the reference
+            resample = _upsample_nearest if self.up else (lambda t: nn.avg_pool(t, (2, 2), strides=(2, 2)))
+            h, x = resample(h), resample(x)
+        h = conv("in_conv", 3)(h)
+        k = 2 if self.use_scale_shift_norm else 1
+        e = nn.Dense(k * self.out_channels, dtype=self.dtype, name="emb_proj")(
+            nn.silu(emb.astype(self.dtype))
+        )
+        e = e[:, None, None, :]
+        if self.use_scale_shift_norm:
+            scale, shift = jnp.split(e, 2, axis=-1)
+            h = GroupNorm32(name="out_norm")(h) * (1 + scale) + shift
+        else:
+            h = GroupNorm32(name="out_norm")(h + e)
+        h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+        h = conv("out_conv", 3, _zeros)(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv("skip", 1)(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention: GroupNorm32 -> 1x1 qkv -> multi-head attention -> zero 1x1 proj, + x."""
+
+    channels: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, hh, ww, c = x.shape
+        d = c // self.num_heads
+        t = GroupNorm32(name="norm")(x).reshape(b, hh * ww, c)
+        qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(t)
+        q, k, v = (a.reshape(b, hh * ww, self.num_heads, d) for a in jnp.split(qkv, 3, axis=-1))
+        a = attention(q, k, v, d**-0.5, self.attention_impl)
+        a = nn.Dense(c, dtype=self.dtype, kernel_init=_zeros, name="proj_out")(a.reshape(b, hh * ww, c))
+        return x + a.reshape(b, hh, ww, c).astype(x.dtype)
+
+
+class UNetModel(nn.Module):
+    """Diffusion UNet eps_theta(x, t, context, y) with the reference openaimodel structure; NHWC."""
+
+    in_channels: int
+    out_channels: int
+    model_channels: int
+    channel_mult: Sequence[int] = (1, 2, 4, 8)
+    num_res_blocks: int = 2
+    attention_resolutions: Sequence[int] = ()
+    dropout: float = 0.0
+    num_heads: int = -1
+    num_head_channels: int = -1
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    conv_resample: bool = True
+    use_spatial_transformer: bool = False
+    transformer_depth: int = 1
+    context_dim: int | None = None
+    num_classes: int | None = None
+    dtype: Dtype = jnp.float32
+    remat_policy: str | None = None
+    attention_impl: str | None = None
+
+    def setup(self) -> None:
+        validate_unet_config(
+            model_channels=self.model_channels,
+            channel_mult=self.channel_mult,
+            num_res_blocks=self.num_res_blocks,
+            attention_resolutions=self.attention_resolutions,
+            num_heads=self.num_heads,
+            num_head_channels=self.num_head_channels,
+            use_spatial_transformer=self.use_spatial_transformer,
+            transformer_depth=self.transformer_depth,
+            context_dim=self.context_dim,
+            dropout=self.dropout,
+            remat_policy=self.remat_policy,
+        )
+        res_cls, st_cls = ResBlock, SpatialTransformer
+        if self.remat_policy is not None:
+            policy = {
+                "full": None,
+                "dots_saveable": jax.checkpoint_policies.dots_saveable,
+                "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+            }[self.remat_policy]
+            res_cls = nn.remat(ResBlock, policy=policy, static_argnums=(3,))  # (self, x, emb, train)
+            st_cls = nn.remat(SpatialTransformer, policy=policy)
+        dt, mc = self.dtype, self.model_channels
+        ted = 4 * mc
+        # Time/label embeddings and the output head stay float32, as in the reference's fp16 mode.
+        self.time_embed_0 = nn.Dense(ted)
+        self.time_embed_2 = nn.Dense(ted)
+        if self.num_classes is not None:
+            self.label_emb = nn.Embed(self.num_classes, ted)
+
+        def res(out_ch: int, up: bool = False, down: bool = False) -> nn.Module:
+            return res_cls(out_ch, self.dropout, self.use_scale_shift_norm, up, down, dt)
+
+        def attn(ch: int) -> nn.Module:
+            heads = self.num_heads if self.num_head_channels == -1 else ch // self.num_head_channels
+            if self.use_spatial_transformer:
+                return st_cls(
+                    ch, heads, ch // heads, self.transformer_depth, self.context_dim, dt, self.attention_impl
+                )
+            return AttentionBlock(ch, heads, dt, self.attention_impl)
+
+        inputs: list[list[nn.Module]] = [[nn.Conv(mc, (3, 3), padding="SAME", dtype=dt)]]
+        chans, ch, ds = [mc], mc, 1
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(self.num_res_blocks):
+                ch = mult * mc
+                layers = [res(ch)]
+                if ds in self.attention_resolutions:
+                    layers.append(attn(ch))
+                inputs.append(layers)
+                chans.append(ch)
+            if level != len(self.channel_mult) - 1:
+                inputs.append(
+                    [res(ch, down=True) if self.resblock_updown else Downsample(ch, self.conv_resample, dt)]
+                )
+                chans.append(ch)
+                ds *= 2
+        self.input_blocks = inputs
+        self.middle_block = [res(ch), attn(ch), res(ch)]
+        outputs: list[list[nn.Module]] = []
+        for level, mult in reversed(list(enumerate(self.channel_mult))):
+            for i in range(self.num_res_blocks + 1):
+                chans.pop()  # the skip's channel count is implied by the concatenation
+                ch = mult * mc
+                layers = [res(ch)]
+                if ds in self.attention_resolutions:
+                    layers.append(attn(ch))
+                if level and i == self.num_res_blocks:
+                    layers.append(
+                        res(ch, up=True) if self.resblock_updown else Upsample(ch, self.conv_resample, dt)
+                    )
+                    ds //= 2
+                outputs.append(layers)
+        self.output_blocks = outputs
+        self.out_norm = GroupNorm32()
+        self.out_conv = nn.Conv(self.out_channels, (3, 3), padding="SAME", kernel_init=_zeros)
+
+    def _run(
+        self,
+        layers: Sequence[nn.Module],
+        h: jax.Array,
+        emb: jax.Array,
+        context: jax.Array | None,
+        train: bool,
+    ) -> jax.Array:
+        for layer in layers:
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb, train)
+            elif isinstance(layer, SpatialTransformer):
+                h = layer(h, context)
+            else:
+                h = layer(h)
+        return h
+
+    def __call__(
+        self,
+        x: jax.Array,
+        timesteps: jax.Array,
+        context: jax.Array | None = None,
+        y: jax.Array | None = None,
+        train: bool = False,
+    ) -> jax.Array:
+        """Predict (B, H, W, out_channels) float32 from x (B, H, W, in_channels) and timesteps (B,)."""
+        if self.num_classes is not None and y is None:
+            raise ValueError("y: class labels are required when num_classes is set")
+        if self.num_classes is None and y is not None:
+            raise ValueError("y: class labels given but num_classes is None")
+        if self.use_spatial_transformer:
+            if context is None:
+                raise ValueError("context: required when use_spatial_transformer is True")
+            if context.shape[-1] != self.context_dim:
+                raise ValueError(
+                    f"context_dim is {self.context_dim} but context has {context.shape[-1]} features"
+                )
+            context = context.astype(self.dtype)
+        emb = self.time_embed_2(
+            nn.silu(self.time_embed_0(timestep_embedding(timesteps, self.model_channels)))
+        )
+        if self.num_classes is not None:
+            emb = emb + self.label_emb(y)
+        h, hs = x.astype(self.dtype), []
+        for layers in self.input_blocks:
+            h = self._run(layers, h, emb, context, train)
+            hs.append(h)
+        h = self._run(self.middle_block, h, emb, context, train)
+        for layers in self.output_blocks:
+            h = self._run(layers, jnp.concatenate([h, hs.pop()], axis=-1), emb, context, train)
+        h = nn.silu(self.out_norm(h.astype(jnp.float32)))
+        return self.out_conv(h)

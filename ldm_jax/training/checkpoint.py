@@ -1,0 +1,74 @@
+"""Orbax checkpoints: the train state (sharded arrays) plus a JSON `meta` item (config, data position, extras).
+
+Orbax writes each step into a temporary directory and renames it when complete, so a checkpoint half-written when
+the process died is never listed as valid; restores re-shard onto the target shardings (8 → 4 → 1 devices).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Saves/restores `state` + `meta` under `WORKDIR/checkpoints/<step>` (async saves)."""
+
+    def __init__(self, workdir: str, max_to_keep: int = 3, keep_every: int | None = None, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            keep_period=keep_every or None,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any], force: bool = False) -> bool:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]] | None:
+        """Restores onto `target` (an abstract or concrete state whose leaves carry the wanted shardings)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        abstract = jax.tree.map(_as_abstract, target)
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
+        return restored["state"], restored["meta"]
+
+    def restore_meta(self, step: int | None = None) -> dict[str, Any] | None:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore_raw(self, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """Restores without a target (numpy arrays on host), e.g. to load a frozen stage-1 model."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        )
+        return restored["state"], restored["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _as_abstract(x: Any) -> Any:
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x

@@ -1,0 +1,209 @@
+"""Stage-2 pieces: frozen first stage, conditions (with classifier-free-guidance dropout), state, train step."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ldm_jax.diffusion import DiffusionSchedule, diffusion_loss
+from ldm_jax.models.autoencoder import build_autoencoder
+from ldm_jax.models.latent_diffusion import LatentDiffusionModel, build_latent_diffusion
+from ldm_jax.training.checkpoint import Checkpointer
+from ldm_jax.training.common import all_finite, guarded_update, scaled_lr
+
+CONDITION_TYPES = ("none", "class", "text", "lowres", "inpaint")
+
+
+@dataclass
+class FirstStage:
+    """A frozen stage-1 autoencoder restored from its workdir."""
+
+    model: Any
+    variables: dict
+    config: ml_collections.ConfigDict
+    workdir: str
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config.model.embed_dim)
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.config.model.ch_mult) - 1)
+
+    def encode(self, variables: dict, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        return self.model.apply(variables, x, key, method="encode_latent")
+
+    def decode(self, variables: dict, z: jax.Array) -> jax.Array:
+        return self.model.apply(variables, z, method="decode_latent")
+
+
+def load_first_stage(workdir: str) -> FirstStage:
+    """Reads a stage-1 workdir (config.json + latest Orbax checkpoint); one-line errors name what is missing."""
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"first_stage.workdir: no stage-1 config at {cfg_path} (train stage 1 first)")
+    with open(cfg_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if config.get("stage") != "autoencoder":
+        raise ValueError(f"first_stage.workdir: {workdir} holds a {config.get('stage')!r} run, not an autoencoder")
+    ckpt = Checkpointer(workdir, async_save=False)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"first_stage.workdir: no checkpoint under {ckpt.directory}")
+    state, _ = ckpt.restore_raw()
+    ckpt.close()
+    variables = {"params": state["params"]["model"], **state.get("model_state", {})}
+    return FirstStage(build_autoencoder(config.model), variables, config, workdir)
+
+
+@flax.struct.dataclass
+class LDMState:
+    step: jax.Array
+    params: dict
+    ema_params: dict
+    opt_state: Any
+    scale_factor: jax.Array  # latent scaling (fixed, or 1/std of the first batch's latents: scale_by_std)
+    skipped: jax.Array
+
+
+def make_schedule(cfg: ml_collections.ConfigDict) -> DiffusionSchedule:
+    d = cfg.diffusion
+    return DiffusionSchedule.create(d.schedule, d.num_timesteps, d.linear_start, d.linear_end,
+                                    d.get("cosine_s", 8e-3))
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW (weight decay 0.01, torch's default the reference used) with linear warm-up; optional accumulation."""
+    tc = cfg.train
+    lr = optax.warmup_constant_schedule(0.0, scaled_lr(tc), max(1, tc.get("warmup_steps", 0)))
+    tx = optax.adamw(lr, weight_decay=tc.get("weight_decay", 0.01))
+    if tc.get("grad_clip", 0.0):
+        tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip), tx)
+    if tc.get("grad_accum", 1) > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=tc.grad_accum)
+    return tx
+
+
+def build_model(cfg: ml_collections.ConfigDict, first_stage: FirstStage) -> LatentDiffusionModel:
+    if cfg.model.get("latent_channels") and cfg.model.latent_channels != first_stage.latent_channels:
+        raise ValueError(f"model.latent_channels={cfg.model.latent_channels} but the stage-1 model at "
+                         f"{first_stage.workdir} has embed_dim={first_stage.latent_channels}")
+    ctype = cfg.condition.type
+    if ctype not in CONDITION_TYPES:
+        raise ValueError(f"condition.type must be one of {CONDITION_TYPES}, got {ctype!r}")
+    return build_latent_diffusion(cfg.model, first_stage.latent_channels)
+
+
+def null_condition(cfg: ml_collections.ConfigDict, cond: dict[str, jax.Array], null_tokens: jax.Array | None):
+    """The unconditional input for guidance: the null class / the empty prompt; spatial conditions are kept."""
+    out = dict(cond)
+    if "label" in cond:
+        out["label"] = jnp.full_like(cond["label"], cfg.model.n_classes - 1)
+    if "tokens" in cond:
+        out["tokens"] = jnp.broadcast_to(null_tokens, cond["tokens"].shape).astype(cond["tokens"].dtype)
+    return out
+
+
+def drop_condition(cfg, cond, null_tokens, key: jax.Array, p_uncond: float) -> dict[str, jax.Array]:
+    """Classifier-free-guidance training: each example's condition → null with probability p_uncond."""
+    if p_uncond <= 0 or not ({"label", "tokens"} & set(cond)):
+        return cond
+    b = next(iter(cond.values())).shape[0]
+    drop = jax.random.bernoulli(key, p_uncond, (b,))
+    null = null_condition(cfg, cond, null_tokens)
+    return {k: jnp.where(drop.reshape((b,) + (1,) * (v.ndim - 1)), null[k], v) for k, v in cond.items()}
+
+
+def random_box_masks(key: jax.Array, b: int, h: int, w: int, min_frac: float = 0.25, max_frac: float = 0.6):
+    """(B, H, W, 1) masks, 1 = region to inpaint: one random rectangle per image."""
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    bh = jnp.floor(jax.random.uniform(k1, (b,), minval=min_frac, maxval=max_frac) * h).astype(jnp.int32)
+    bw = jnp.floor(jax.random.uniform(k2, (b,), minval=min_frac, maxval=max_frac) * w).astype(jnp.int32)
+    y0 = jnp.floor(jax.random.uniform(k3, (b,)) * (h - bh)).astype(jnp.int32)
+    x0 = jnp.floor(jax.random.uniform(k4, (b,)) * (w - bw)).astype(jnp.int32)
+    ys, xs = jnp.arange(h)[None, :, None], jnp.arange(w)[None, None, :]
+    inside = ((ys >= y0[:, None, None]) & (ys < (y0 + bh)[:, None, None])
+              & (xs >= x0[:, None, None]) & (xs < (x0 + bw)[:, None, None]))
+    return inside[..., None].astype(jnp.float32)
+
+
+def spatial_condition(cfg, first_stage: FirstStage, fs_vars, images: jax.Array, scale: jax.Array,
+                      key: jax.Array, mask: jax.Array | None = None) -> dict[str, jax.Array]:
+    """The concat conditions computed from the image itself: a low-res copy, or masked-image latents + mask."""
+    ctype = cfg.condition.type
+    b, h, w, c = images.shape
+    if ctype == "lowres":
+        f = cfg.condition.sr_factor
+        low = jax.image.resize(images, (b, h // f, w // f, c), method="linear", antialias=True)
+        return {"concat": low}
+    if ctype == "inpaint":
+        mask = random_box_masks(key, b, h, w) if mask is None else mask
+        masked = images * (1.0 - mask)
+        zc = first_stage.encode(fs_vars, masked) * scale
+        small = jax.image.resize(mask, (b, *zc.shape[1:3], 1), method="nearest")
+        return {"concat": jnp.concatenate([zc, small], axis=-1), "mask": mask}
+    return {}
+
+
+def init_state(cfg, model: LatentDiffusionModel, tx, key: jax.Array, latent_shape, cond: dict,
+               scale_factor: float) -> LDMState:
+    b = 1
+    x = jnp.zeros((b, *latent_shape), jnp.float32)
+    cond = {k: v[:b] for k, v in cond.items() if k != "mask"}
+    params = model.init({"params": key}, x, jnp.zeros((b,), jnp.int32), cond)["params"]
+    return LDMState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params),
+                    scale_factor=jnp.asarray(scale_factor, jnp.float32), skipped=jnp.zeros((), jnp.int32))
+
+
+def make_train_step(cfg, model: LatentDiffusionModel, first_stage: FirstStage, tx, sched: DiffusionSchedule):
+    """step(state, batch, fs_vars, null_tokens) -> (state, metrics): encode (frozen) → condition → DDPM loss."""
+    base_key = jax.random.key(cfg.seed + 1)
+    d = cfg.diffusion
+    ema_decay = cfg.train.get("ema_decay", 0.9999)
+
+    def step(state: LDMState, batch: dict, fs_vars: dict, null_tokens: jax.Array | None):
+        key = jax.random.fold_in(base_key, state.step)
+        k_post, k_mask, k_drop, k_loss, k_dropout = jax.random.split(key, 5)
+        images = batch["image"]
+        sample_key = k_post if cfg.first_stage.get("sample_posterior", True) else None
+        z = jax.lax.stop_gradient(first_stage.encode(fs_vars, images, sample_key)) * state.scale_factor
+        cond = {k: v for k, v in batch.items() if k in ("label", "tokens")}
+        cond.update(spatial_condition(cfg, first_stage, fs_vars, images, state.scale_factor, k_mask))
+        cond.pop("mask", None)
+        cond = drop_condition(cfg, cond, null_tokens, k_drop, cfg.condition.get("p_uncond", 0.0))
+
+        def loss_fn(params):
+            def model_fn(x_t, t):
+                return model.apply({"params": params}, x_t, t, cond, train=True, rngs={"dropout": k_dropout})
+
+            return diffusion_loss(sched, model_fn, z, k_loss, d.parameterization, d.loss_type)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        finite = all_finite(loss, grads)
+        params, opt_state = guarded_update(tx, grads, state.opt_state, state.params, finite)
+        # EMA with the reference's warm-up: decay_n = min(decay, (1 + n) / (10 + n)).
+        n = state.step.astype(jnp.float32)
+        decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
+        ema = jax.tree.map(lambda e, p: jnp.where(finite, decay * e + (1 - decay) * p, e), state.ema_params, params)
+        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
+                                  skipped=state.skipped + (~finite).astype(jnp.int32))
+        metrics = {"loss": loss, "finite": finite.astype(jnp.float32), "grad_norm": optax.global_norm(grads),
+                   "latent_std": jnp.std(z)}
+        return new_state, metrics
+
+    return step
+
+
+def first_batch_scale(first_stage: FirstStage, images: np.ndarray, key: jax.Array | None) -> float:
+    """scale_by_std: 1/std of the first batch's latents (computed once, then stored in the checkpoint)."""
+    z = jax.jit(first_stage.encode)(first_stage.variables, jnp.asarray(images), key)
+    return float(1.0 / jnp.std(z))

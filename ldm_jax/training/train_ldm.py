@@ -1,0 +1,209 @@
+"""Stage-2 train loop: frozen first stage → restore or init (scale_by_std once) → compile → steps → samples."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ldm_jax.data.fashion_mnist import CLASS_NAMES
+from ldm_jax.data.images import make_grid, save_png, to_uint8
+from ldm_jax.data.pipeline import make_dataset
+from ldm_jax.diffusion.generate import make_sample_fn
+from ldm_jax.training import common
+from ldm_jax.training import ldm as L
+from ldm_jax.training import mesh as mesh_lib
+from ldm_jax.training.checkpoint import Checkpointer
+from ldm_jax.training.train_autoencoder import check_compatible
+
+
+def setup_text(config: ml_collections.ConfigDict, workdir: str):
+    """Tokenizer for text conditioning: a given vocabulary, or WordPiece trained on the class captions and saved
+    in the workdir. Returns (tokenizer, token table per class, null tokens)."""
+    from ldm_jax.data.text import class_captions, load_bert_tokenizer, tokenize, train_wordpiece_vocab
+
+    cc = config.condition
+    captions = class_captions(CLASS_NAMES)
+    path = cc.get("vocab_path") or os.path.join(workdir, "tokenizer")
+    if not cc.get("vocab_path") and not os.path.exists(os.path.join(path, "vocab.txt")):
+        if jax.process_index() == 0:
+            train_wordpiece_vocab(captions, path, vocab_size=cc.get("vocab_size", 200))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("tokenizer")
+    tok = load_bert_tokenizer(path)
+    if config.model.get("vocab_size", 0) in (0, None):
+        config.model.vocab_size = len(tok)
+    max_len = config.model.text_max_len
+    return tok, tokenize(tok, captions, max_len), tokenize(tok, [""], max_len)[0]
+
+
+def host_batch(config, ds, step: int, token_table: np.ndarray | None) -> dict[str, np.ndarray]:
+    """This process's slice of the batch with the condition inputs the network takes."""
+    b = ds.batch_at(step)
+    out = {"image": b["image"]}
+    if config.condition.type == "class":
+        out["label"] = b["label"]
+    elif config.condition.type == "text":
+        out["tokens"] = token_table[b["label"]]
+    return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    common.maybe_initialize_distributed(config)
+    tc = config.train
+    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh_lib.check_batch_size(tc.batch_size, mesh)
+    fs = L.load_first_stage(config.first_stage.workdir)
+    token_table = null_tokens = None
+    if config.condition.type == "text":
+        _, token_table, null_tokens = setup_text(config, workdir)
+    model = L.build_model(config, fs)
+    sched = L.make_schedule(config)
+    tx = L.make_optimizer(config)
+    ds = make_dataset(config.data, "train", tc.batch_size, config.seed, jax.process_index(), jax.process_count())
+    res = config.data.resolution
+    if res % fs.factor:
+        raise ValueError(f"data.resolution={res} is not divisible by the stage-1 factor f={fs.factor}")
+    latent_shape = (res // fs.factor, res // fs.factor, fs.latent_channels)
+
+    first = host_batch(config, ds, 0, token_table)
+    fs_vars = common.replicate_to(fs.variables, mesh)
+    null_arg = None if null_tokens is None else common.replicate_to(jnp.asarray(null_tokens), mesh)
+    ckpt = Checkpointer(workdir, tc.get("max_to_keep", 3), tc.get("keep_every", 0), tc.get("async_checkpoint", True))
+
+    def init_fn(key, scale):
+        cond = {k: jnp.asarray(v[:1]) for k, v in first.items() if k != "image"}
+        cond.update(L.spatial_condition(config, fs, fs.variables, jnp.asarray(first["image"][:1]), scale, key))
+        cond.pop("mask", None)
+        return L.init_state(config, model, tx, key, latent_shape, cond, scale)
+
+    abstract = jax.eval_shape(init_fn, jax.random.key(config.seed), 1.0)
+    state_sh = mesh_lib.state_shardings(abstract, mesh, config.mesh.get("min_shard_size", 2**16))
+    if ckpt.latest_step() is not None:
+        check_compatible(ckpt.restore_meta() or {}, config, ckpt.directory)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+        state, _ = ckpt.restore(target)
+        logging.info("restored checkpoint at step %d", int(state.step))
+    else:
+        scale = float(config.first_stage.scale_factor)
+        if config.first_stage.get("scale_by_std", False):
+            scale = L.first_batch_scale(fs, first["image"], None)
+            logging.info("scale_by_std: scale_factor = %.5f", scale)
+        state = jax.jit(init_fn, static_argnums=(), out_shardings=state_sh)(jax.random.key(config.seed), scale)
+    common.save_config(config, workdir)
+
+    writer = common.make_writer(workdir)
+    from clu import periodic_actions
+
+    progress = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer, every_secs=30)
+    batch_sh, rep = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
+    step_fn = L.make_train_step(config, model, fs, tx, sched)
+    example = mesh_lib.global_batch(first, mesh)
+    null_sh = None if null_arg is None else rep
+    train_step, report = common.compile_step(
+        step_fn, (state, example, fs_vars, null_arg), (state_sh, batch_sh, jax.tree.map(lambda _: rep, fs_vars),
+                                                       null_sh), (state_sh, rep), name="ldm_step")
+    writer.write_scalars(int(state.step), {f"compile/{k}": v for k, v in report.items()})
+
+    guard = common.PreemptionGuard()
+    nonfinite = common.NonFiniteTracker(tc.get("max_nonfinite_steps", 20))
+    pending: list[dict] = []
+    last_ckpt = ckpt.latest_step()
+    for step in range(int(state.step), tc.num_steps):
+        batch = mesh_lib.global_batch(host_batch(config, ds, step, token_table), mesh)
+        state, metrics = train_step(state, batch, fs_vars, null_arg)
+        pending.append(metrics)
+        nonfinite.update(not bool(metrics["finite"]), step, last_ckpt)
+        done = step + 1
+        progress(done)
+        if done % tc.log_every == 0 or done == tc.num_steps:
+            means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+            writer.write_scalars(done, {f"train/{k}": v for k, v in means.items()})
+            pending = []
+        stop = guard.should_stop()
+        if done % tc.ckpt_every == 0 or done == tc.num_steps or stop:
+            ckpt.save(done, state, {"config": config.to_dict(), "data": ds.state() | {"step": done}}, force=True)
+            last_ckpt = done
+        if stop:
+            ckpt.close()
+            logging.info("preempted: checkpoint saved at step %d", done)
+            return {}
+    ckpt.wait()
+    results = {"final_loss": float(np.mean([jax.device_get(m["loss"]) for m in pending]))} if pending else {}
+    results.update(sample_grid(config, model, sched, fs, state, null_tokens, token_table, workdir))
+    results["skipped_updates"] = float(nonfinite.total)
+    common.write_json(os.path.join(workdir, "metrics.json"), results)
+    writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in results.items()})
+    writer.flush()
+    ckpt.close()
+    guard.restore()
+    return results
+
+
+def sample_grid(config, model, sched, fs: L.FirstStage, state: L.LDMState, null_tokens, token_table,
+                workdir: str) -> dict[str, Any]:
+    """Guided samples with the EMA weights: one row per class (or a plain grid), written to samples.png."""
+    sc = config.sampling
+    n_per_row = sc.get("grid_per_class", 8)
+    ctype = config.condition.type
+    n_rows = 10 if ctype in ("class", "text") else 4
+    labels = np.repeat(np.arange(n_rows), n_per_row).astype(np.int32)
+    cond: dict[str, jax.Array] = {}
+    if ctype == "class":
+        cond["label"] = jnp.asarray(labels)
+    elif ctype == "text":
+        cond["tokens"] = jnp.asarray(token_table[labels])
+    params, scale = common.to_host((state.ema_params, state.scale_factor))
+    shown = None
+    if ctype in ("lowres", "inpaint"):
+        ds = make_dataset(config.data, "test", len(labels), 0, augment=False)
+        images = jnp.asarray(ds.batch_at(0)["image"])
+        cond.update(L.spatial_condition(config, fs, fs.variables, images, scale, jax.random.key(1)))
+        shown = images * (1 - cond["mask"]) if "mask" in cond else cond["concat"]
+        cond.pop("mask", None)
+    uncond = L.null_condition(config, cond, None if null_tokens is None else jnp.asarray(null_tokens))
+    sample = make_sample_fn(lambda p, x, t, c: model.apply({"params": p}, x, t, c), sched, sc.sampler, sc.steps,
+                            sc.eta, sc.guidance, config.diffusion.parameterization)
+    res = config.data.resolution
+    shape = (len(labels), res // fs.factor, res // fs.factor, fs.latent_channels)
+
+    @jax.jit
+    def generate(params, fs_vars, cond, uncond, key):
+        z = sample(params, cond, uncond, key, shape)
+        return jnp.clip(fs.decode(fs_vars, z / scale), -1.0, 1.0)
+
+    t0 = time.time()
+    images = np.asarray(generate(params, fs.variables, cond, uncond, jax.random.key(config.seed + 7)))
+    elapsed = time.time() - t0
+    if jax.process_index() == 0:
+        rows = images
+        if shown is not None:  # conditions first, samples under them
+            shown = np.asarray(jax.image.resize(shown, (shown.shape[0], res, res, shown.shape[-1]), "nearest"))
+            rows = np.concatenate([shown[..., : images.shape[-1]], images])
+        save_png(make_grid(to_uint8(rows), n_per_row), os.path.join(workdir, "samples.png"))
+    out: dict[str, Any] = {"grid_sample_s": elapsed, "grid_samples": len(labels)}
+    if ctype == "class" and config.data.name == "fashion_mnist":
+        out.update(conditional_accuracy(images, labels))
+    return out
+
+
+def conditional_accuracy(images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Share of samples the offline Fashion-MNIST classifier assigns to the class asked for (if trained)."""
+    from ldm_jax.evaluation.classifier import default_classifier_path, load_classifier
+
+    path = default_classifier_path()
+    if not os.path.exists(path):
+        logging.warning("conditional accuracy unavailable: no classifier at %s (python -m "
+                        "ldm_jax.evaluation.classifier --train)", path)
+        return {}
+    _, logits_fn = load_classifier(path)
+    pred = np.argmax(np.asarray(logits_fn(jnp.asarray(images))), axis=-1)
+    return {"grid_conditional_accuracy": float(np.mean(pred == labels))}

@@ -1,0 +1,32 @@
+"""ldm_jax: Latent Diffusion Models in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="ldm_jax",
+    version="0.1.0",
+    description="Latent Diffusion Models (Rombach et al., CVPR 2022) in JAX/Flax",
+    packages=find_packages(include=["ldm_jax", "ldm_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax",
+        "orbax-checkpoint",
+        "ml_collections",
+        "clu",
+        "einops",
+        "numpy",
+        "transformers",
+        "tokenizers",
+        "absl-py",
+        "pillow",
+        "tqdm",
+        "tensorboard",
+    ],
+    extras_require={
+        # tensorflow-datasets needs TensorFlow for tfds.load; optional, ~1.3 GB.
+        "tfds": ["tensorflow-datasets", "tensorflow-cpu", "importlib_resources"],
+        "test": ["pytest", "ruff", "scikit-image"],
+    },
+)
