@@ -17,16 +17,19 @@ setup(
         "clu",
         "einops",
         "numpy",
+        "scipy",
         "transformers",
         "tokenizers",
         "absl-py",
         "pillow",
         "tqdm",
         "tensorboard",
+        # clu's metric writers and tfds.load import TensorFlow; the CPU build is the usual companion of JAX.
+        "tensorflow-cpu",
+        "tensorflow-datasets",
+        "importlib_resources",
     ],
     extras_require={
-        # tensorflow-datasets needs TensorFlow for tfds.load; optional, ~1.3 GB.
-        "tfds": ["tensorflow-datasets", "tensorflow-cpu", "importlib_resources"],
         "test": ["pytest", "ruff", "scikit-image"],
     },
 )

@@ -209,7 +209,7 @@ class TFDSSource:
         try:
             import tensorflow_datasets as tfds
         except ImportError:
-            raise ImportError("data.name 'tfds:...' needs tensorflow-datasets: pip install -e .[tfds]") \
+            raise ImportError("data.name 'tfds:...' needs tensorflow-datasets: pip install tensorflow-datasets") \
                 from None
         self.name, self.split, self.image_key, self.label_key = name, split, image_key, label_key
         try:
@@ -236,7 +236,7 @@ class TFDSSource:
             raise ValueError(
                 f"data.name: tfds dataset {name!r} is stored as {file_format}; without TensorFlow only "
                 f"array_record is readable: re-run `tfds build {name} --file_format=array_record` "
-                f"or pip install -e .[tfds]")
+                f"or pip install tensorflow-datasets")
 
     def __len__(self) -> int:
         return len(self._records)
