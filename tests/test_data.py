@@ -243,7 +243,7 @@ def test_tfds_missing_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import now raises ImportError
     with pytest.raises(ImportError) as e:
         make_dataset(_cfg(name="tfds:mnist"), "train", 4, 0)
-    assert "pip install -e .[tfds]" in _one_line(e)
+    assert "pip install tensorflow-datasets" in _one_line(e)
 
 
 def test_tfds_missing_dataset_never_downloads(tmp_path):
