@@ -54,16 +54,17 @@ def ldm_config() -> ml_collections.ConfigDict:
         workdir="", scale_factor=1.0, scale_by_std=False, sample_posterior=True,
     ))
     c.condition = ml_collections.ConfigDict(dict(
-        type="none",  # none | class | text | lowres | inpaint
+        type="none",  # none | class | text | lowres | inpaint | semantic
         p_uncond=0.0,  # classifier-free guidance: condition dropout probability in training
         sr_factor=4,  # lowres: downsampling factor of the low-resolution condition
+        lowres_mode="pixels",  # lowres: concat the pixels | the stage-1 latents of their upsampled copy
         vocab_path="",  # text: BERT vocab.txt or tokenizer dir ('' = train WordPiece on the captions)
         vocab_size=200,
     ))
     c.model = ml_collections.ConfigDict(dict(
         conditioning_key=config_dict.placeholder(str),  # crossattn | concat | hybrid | adm | None
         cond_stage="none", n_classes=0, context_dim=512, vocab_size=0, text_layers=1, text_max_len=77,
-        concat_channels=0, concat_rescale_stages=0, latent_channels=0, dtype="float32",
+        concat_channels=0, concat_rescale_stages=0, concat_in_channels=0, latent_channels=0, dtype="float32",
         unet=ml_collections.ConfigDict(dict(
             in_channels=3, out_channels=3, model_channels=224, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
             attention_resolutions=(8, 4, 2), num_heads=-1, num_head_channels=32, use_scale_shift_norm=False,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.models.attention import CrossAttention, SpatialTransformer
+from ldm_jax.models.attention import CrossAttention, SpatialTransformer, padded_attention
 from ldm_jax.models.unet import ResBlock, UNetModel, timestep_embedding, validate_unet_config
 
 # rbg keys: XLA compiles the many per-parameter threefry samplers of an init several times slower on CPU.
@@ -200,6 +200,18 @@ def test_cross_attention_matches_numpy():
     self_mod = CrossAttention(24, None, heads=heads, dim_head=dh)
     sp = self_mod.init(KEY, x)["params"]
     assert sp["to_k"]["kernel"].shape == (24, heads * dh)
+    with pytest.raises(ValueError, match="context_dim"):
+        mod.apply({"params": params}, x, ctx[..., :8])
+
+
+def test_padded_attention_masks_the_padding():
+    # the cuDNN route pads lengths to multiples of 64 and masks; checked here through the XLA implementation
+    rng = np.random.default_rng(9)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, n, 2, 8)), jnp.float32) for n in (16, 77, 77))
+    want = jax.nn.dot_product_attention(q, k, v, scale=0.3)
+    got = padded_attention(q, k, v, 0.3, impl="xla")
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 def test_spatial_transformer_is_identity_at_init(st_unet):
@@ -240,9 +252,7 @@ def _res(i, o, emb, scale_shift=False):
 
 def _st(c, heads, dh, ctx):
     n = heads * dh
-    block = (
-        6 * n + 3 * n * n + _lin(n, n) + n * n + 2 * ctx * n + _lin(n, n) + _lin(n, 8 * n) + _lin(4 * n, n)
-    )
+    block = 6 * n + 3 * n * n + _lin(n, n) + n * n + 2 * ctx * n + _lin(n, n) + _lin(n, 8 * n) + _lin(4 * n, n)
     return 2 * c + _conv(c, n, 1) + block + _conv(n, c, 1)
 
 
@@ -362,9 +372,7 @@ def test_remat_wraps_every_resblock_and_transformer(policy, expected):
     p = jax.eval_shape(model.init, KEY, X4, T, CTX)
     found = _remat_policies(jax.make_jaxpr(lambda q: model.apply(q, X4, T, CTX))(p).jaxpr)
     assert len(found) == 6 + 3 and all(f == expected for f in found)  # 6 ResBlocks, 3 SpatialTransformers
-    assert (
-        _remat_policies(jax.make_jaxpr(lambda q: UNetModel(**REMAT_CFG).apply(q, X4, T, CTX))(p).jaxpr) == []
-    )
+    assert _remat_policies(jax.make_jaxpr(lambda q: UNetModel(**REMAT_CFG).apply(q, X4, T, CTX))(p).jaxpr) == []
 
 
 # nothing_saveable is the same computation as "full" (save nothing), so two compiled comparisons suffice.
@@ -393,6 +401,8 @@ def test_remat_policies_match_no_remat(remat_reference, policy):
         (dict(context_dim=None), "context_dim"),
         (dict(model_channels=24), "model_channels"),
         (dict(remat_policy="everything"), "remat_policy"),
+        (dict(attention_impl="flash"), "attention_impl"),
+        (dict(attention_impl="cudnn"), "attention_impl"),  # float32 compute
     ],
 )
 def test_config_errors(change, field):

@@ -64,6 +64,9 @@ class CrossAttention(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         if context is None:
             context = x
+        want = self.context_dim or self.query_dim
+        if context.shape[-1] != want:
+            raise ValueError(f"context_dim is {want} but the context (or x, if none) has {context.shape[-1]} features")
         inner = self.heads * self.dim_head
         dense = lambda name, feats, bias: nn.Dense(feats, use_bias=bias, dtype=self.dtype, name=name)
         q = dense("to_q", inner, False)(x)
@@ -138,6 +141,8 @@ class SpatialTransformer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         b, h, w, c = x.shape
+        if c != self.in_channels:
+            raise ValueError(f"in_channels is {self.in_channels} but the input has {c} channels")
         inner = self.n_heads * self.d_head
         # Norm statistics in float32 (autocast runs group_norm in fp32 in the reference too).
         y = nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=jnp.float32, name="norm")(x.astype(jnp.float32))

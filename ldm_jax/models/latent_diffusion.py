@@ -2,7 +2,8 @@
 
 `conditioning_key` says how the condition reaches the UNet (reference semantics):
 - "crossattn": context tokens from τθ (class embedder or text transformer) into every SpatialTransformer;
-- "concat": spatial conditions (low-res image, masked-image latents + mask, semantic map) concatenated to x_t;
+- "concat": spatial conditions (low-res image, masked-image latents + mask, semantic map) concatenated to x_t,
+  after `concat_rescale_stages` bilinear halvings and (concat_in_channels > 0) a 1×1 conv, as SpatialRescaler;
 - "hybrid": both;  "adm": a class label embedding added to the time embedding;  None: unconditional.
 The condition is a dict: "label" (B,) int, "tokens" (B, L) int, "concat" (B, h, w, c) float.
 """
@@ -34,6 +35,7 @@ class LatentDiffusionModel(nn.Module):
     text_max_len: int = 77
     concat_rescale_stages: int = 0  # bilinear ×0.5 stages applied to the concat condition
     concat_channels: int = 0
+    concat_in_channels: int = 0  # > 0: a 1×1 conv maps these (e.g. 182 semantic classes) to concat_channels
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -43,8 +45,15 @@ class LatentDiffusionModel(nn.Module):
         elif self.cond_stage == "text":
             self.cond_encoder = TransformerEmbedder(self.vocab_size, self.context_dim, self.text_layers,
                                                     self.text_max_len, dtype=self.dtype)
-        if self.concat_rescale_stages:
-            self.rescaler = SpatialRescaler(self.concat_rescale_stages, "bilinear", 0.5, self.concat_channels)
+        if self._rescales:
+            mapped = bool(self.concat_in_channels)
+            self.rescaler = SpatialRescaler(self.concat_rescale_stages, "bilinear", 0.5,
+                                            self.concat_in_channels if mapped else self.concat_channels,
+                                            self.concat_channels if mapped else None)
+
+    @property
+    def _rescales(self) -> bool:
+        return bool(self.concat_rescale_stages or self.concat_in_channels)
 
     def encode_condition(self, cond: dict[str, jax.Array]) -> jax.Array | None:
         """τθ(y): the cross-attention context, or None."""
@@ -59,7 +68,7 @@ class LatentDiffusionModel(nn.Module):
         context = self.encode_condition(cond) if key in ("crossattn", "hybrid") else None
         if key in ("concat", "hybrid"):
             c = cond["concat"]
-            if self.concat_rescale_stages:
+            if self._rescales:
                 c = self.rescaler(c)
             x_t = jnp.concatenate([x_t, c.astype(x_t.dtype)], axis=-1)
         y = cond["label"] if key == "adm" else None
@@ -105,5 +114,6 @@ def build_latent_diffusion(cfg: ml_collections.ConfigDict, latent_channels: int)
         context_dim=cfg.get("context_dim", 512), vocab_size=cfg.get("vocab_size", 0),
         text_layers=cfg.get("text_layers", 1), text_max_len=cfg.get("text_max_len", 77),
         concat_rescale_stages=cfg.get("concat_rescale_stages", 0), concat_channels=concat_ch,
+        concat_in_channels=cfg.get("concat_in_channels", 0) if concat_ch else 0,
         dtype=jnp.dtype(cfg.get("dtype", "float32")),
     )

@@ -45,6 +45,8 @@ def validate_unet_config(
     context_dim: int | None = None,
     dropout: float = 0.0,
     remat_policy: str | None = None,
+    attention_impl: str | None = None,
+    dtype: Dtype = jnp.float32,
 ) -> None:
     """Raise ValueError (one line naming the field) for a config the reference would reject or mis-build."""
     if not channel_mult or any(m < 1 for m in channel_mult):
@@ -63,8 +65,7 @@ def validate_unet_config(
         )
     if (num_heads == -1) == (num_head_channels == -1):
         raise ValueError(
-            "num_heads / num_head_channels: give exactly one (the other -1), "
-            f"got {num_heads} / {num_head_channels}"
+            f"num_heads / num_head_channels: give exactly one (the other -1), got {num_heads} / {num_head_channels}"
         )
     # Channel counts that carry attention: attention levels (down and up paths) and the middle block.
     att_chs = {model_channels * m for i, m in enumerate(channel_mult) if 2**i in attention_resolutions}
@@ -82,6 +83,10 @@ def validate_unet_config(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if remat_policy not in REMAT_POLICIES:
         raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {remat_policy!r}")
+    if attention_impl not in (None, "xla", "cudnn"):
+        raise ValueError(f"attention_impl must be None, 'xla' or 'cudnn', got {attention_impl!r}")
+    if attention_impl == "cudnn" and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"attention_impl 'cudnn' needs dtype bfloat16 or float16, got {jnp.dtype(dtype).name}")
 
 
 class GroupNorm32(nn.Module):
@@ -91,9 +96,7 @@ class GroupNorm32(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = nn.GroupNorm(num_groups=32, epsilon=self.epsilon, dtype=jnp.float32, name="norm")(
-            x.astype(jnp.float32)
-        )
+        y = nn.GroupNorm(num_groups=32, epsilon=self.epsilon, dtype=jnp.float32, name="norm")(x.astype(jnp.float32))
         return y.astype(x.dtype)
 
 
@@ -153,9 +156,7 @@ class ResBlock(nn.Module):
             h, x = resample(h), resample(x)
         h = conv("in_conv", 3)(h)
         k = 2 if self.use_scale_shift_norm else 1
-        e = nn.Dense(k * self.out_channels, dtype=self.dtype, name="emb_proj")(
-            nn.silu(emb.astype(self.dtype))
-        )
+        e = nn.Dense(k * self.out_channels, dtype=self.dtype, name="emb_proj")(nn.silu(emb.astype(self.dtype)))
         e = e[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(e, 2, axis=-1)
@@ -225,6 +226,8 @@ class UNetModel(nn.Module):
             context_dim=self.context_dim,
             dropout=self.dropout,
             remat_policy=self.remat_policy,
+            attention_impl=self.attention_impl,
+            dtype=self.dtype,
         )
         res_cls, st_cls = ResBlock, SpatialTransformer
         if self.remat_policy is not None:
@@ -249,13 +252,11 @@ class UNetModel(nn.Module):
         def attn(ch: int) -> nn.Module:
             heads = self.num_heads if self.num_head_channels == -1 else ch // self.num_head_channels
             if self.use_spatial_transformer:
-                return st_cls(
-                    ch, heads, ch // heads, self.transformer_depth, self.context_dim, dt, self.attention_impl
-                )
+                return st_cls(ch, heads, ch // heads, self.transformer_depth, self.context_dim, dt, self.attention_impl)
             return AttentionBlock(ch, heads, dt, self.attention_impl)
 
         inputs: list[list[nn.Module]] = [[nn.Conv(mc, (3, 3), padding="SAME", dtype=dt)]]
-        chans, ch, ds = [mc], mc, 1
+        ch, ds = mc, 1
         for level, mult in enumerate(self.channel_mult):
             for _ in range(self.num_res_blocks):
                 ch = mult * mc
@@ -263,27 +264,20 @@ class UNetModel(nn.Module):
                 if ds in self.attention_resolutions:
                     layers.append(attn(ch))
                 inputs.append(layers)
-                chans.append(ch)
             if level != len(self.channel_mult) - 1:
-                inputs.append(
-                    [res(ch, down=True) if self.resblock_updown else Downsample(ch, self.conv_resample, dt)]
-                )
-                chans.append(ch)
+                inputs.append([res(ch, down=True) if self.resblock_updown else Downsample(ch, self.conv_resample, dt)])
                 ds *= 2
         self.input_blocks = inputs
         self.middle_block = [res(ch), attn(ch), res(ch)]
         outputs: list[list[nn.Module]] = []
         for level, mult in reversed(list(enumerate(self.channel_mult))):
             for i in range(self.num_res_blocks + 1):
-                chans.pop()  # the skip's channel count is implied by the concatenation
                 ch = mult * mc
                 layers = [res(ch)]
                 if ds in self.attention_resolutions:
                     layers.append(attn(ch))
                 if level and i == self.num_res_blocks:
-                    layers.append(
-                        res(ch, up=True) if self.resblock_updown else Upsample(ch, self.conv_resample, dt)
-                    )
+                    layers.append(res(ch, up=True) if self.resblock_updown else Upsample(ch, self.conv_resample, dt))
                     ds //= 2
                 outputs.append(layers)
         self.output_blocks = outputs
@@ -324,13 +318,9 @@ class UNetModel(nn.Module):
             if context is None:
                 raise ValueError("context: required when use_spatial_transformer is True")
             if context.shape[-1] != self.context_dim:
-                raise ValueError(
-                    f"context_dim is {self.context_dim} but context has {context.shape[-1]} features"
-                )
+                raise ValueError(f"context_dim is {self.context_dim} but context has {context.shape[-1]} features")
             context = context.astype(self.dtype)
-        emb = self.time_embed_2(
-            nn.silu(self.time_embed_0(timestep_embedding(timesteps, self.model_channels)))
-        )
+        emb = self.time_embed_2(nn.silu(self.time_embed_0(timestep_embedding(timesteps, self.model_channels))))
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
         h, hs = x.astype(self.dtype), []

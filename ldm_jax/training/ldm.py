@@ -20,7 +20,8 @@ from ldm_jax.models.latent_diffusion import LatentDiffusionModel, build_latent_d
 from ldm_jax.training.checkpoint import Checkpointer
 from ldm_jax.training.common import all_finite, guarded_update, scaled_lr
 
-CONDITION_TYPES = ("none", "class", "text", "lowres", "inpaint")
+CONDITION_TYPES = ("none", "class", "text", "lowres", "inpaint", "semantic")
+LOWRES_MODES = ("pixels", "latent")
 
 
 @dataclass
@@ -100,6 +101,10 @@ def build_model(cfg: ml_collections.ConfigDict, first_stage: FirstStage) -> Late
     ctype = cfg.condition.type
     if ctype not in CONDITION_TYPES:
         raise ValueError(f"condition.type must be one of {CONDITION_TYPES}, got {ctype!r}")
+    if ctype == "lowres" and cfg.condition.get("lowres_mode", "pixels") not in LOWRES_MODES:
+        raise ValueError(f"condition.lowres_mode must be one of {LOWRES_MODES}, got {cfg.condition.lowres_mode!r}")
+    if ctype == "semantic" and not cfg.model.get("concat_in_channels"):
+        raise ValueError("condition.type='semantic' needs model.concat_in_channels (the number of segment classes)")
     return build_latent_diffusion(cfg.model, first_stage.latent_channels)
 
 
@@ -136,14 +141,27 @@ def random_box_masks(key: jax.Array, b: int, h: int, w: int, min_frac: float = 0
     return inside[..., None].astype(jnp.float32)
 
 
+def lowres_image(cfg, images: jax.Array) -> jax.Array:
+    """The low-resolution condition image: an antialiased bilinear ×(1/sr_factor) copy."""
+    f = cfg.condition.sr_factor
+    b, h, w, c = images.shape
+    return jax.image.resize(images, (b, h // f, w // f, c), method="linear", antialias=True)
+
+
 def spatial_condition(cfg, first_stage: FirstStage, fs_vars, images: jax.Array, scale: jax.Array,
-                      key: jax.Array, mask: jax.Array | None = None) -> dict[str, jax.Array]:
-    """The concat conditions computed from the image itself: a low-res copy, or masked-image latents + mask."""
+                      key: jax.Array, mask: jax.Array | None = None,
+                      segmentation: jax.Array | None = None) -> dict[str, jax.Array]:
+    """The concat conditions: a low-res copy (pixels, or its upsampled copy's latents), masked-image latents +
+    mask, or a one-hot semantic map (from the batch's `segmentation`: int ids (B, H, W) or one-hot)."""
     ctype = cfg.condition.type
     b, h, w, c = images.shape
     if ctype == "lowres":
-        f = cfg.condition.sr_factor
-        low = jax.image.resize(images, (b, h // f, w // f, c), method="linear", antialias=True)
+        low = lowres_image(cfg, images)
+        if cfg.condition.get("lowres_mode", "pixels") == "latent":
+            # Encode the bilinearly upsampled low-res image: the condition keeps all its detail at latent
+            # resolution even when sr_factor < the stage-1 factor (pixels mode would have to shrink it).
+            up = jax.image.resize(low, images.shape, method="linear")
+            return {"concat": first_stage.encode(fs_vars, up) * scale}
         return {"concat": low}
     if ctype == "inpaint":
         mask = random_box_masks(key, b, h, w) if mask is None else mask
@@ -151,7 +169,33 @@ def spatial_condition(cfg, first_stage: FirstStage, fs_vars, images: jax.Array, 
         zc = first_stage.encode(fs_vars, masked) * scale
         small = jax.image.resize(mask, (b, *zc.shape[1:3], 1), method="nearest")
         return {"concat": jnp.concatenate([zc, small], axis=-1), "mask": mask}
+    if ctype == "semantic":
+        if segmentation is None:
+            raise ValueError("condition.type='semantic' needs batches with a 'segmentation' map")
+        k = cfg.model.concat_in_channels
+        if segmentation.ndim == 3:  # class ids -> one-hot, as the reference's segmentation key
+            segmentation = jax.nn.one_hot(segmentation, k, dtype=jnp.float32)
+        if segmentation.shape[-1] != k:
+            raise ValueError(f"model.concat_in_channels={k} but the segmentation has {segmentation.shape[-1]} "
+                             "classes")
+        return {"concat": segmentation.astype(jnp.float32)}
     return {}
+
+
+def condition_preview(cfg, images: jax.Array, cond: dict[str, jax.Array],
+                      segmentation: jax.Array | None = None) -> jax.Array:
+    """An image of the spatial condition for sample grids: the masked image, the low-res image, the segment map."""
+    ctype = cfg.condition.type
+    if ctype == "inpaint":
+        return images * (1.0 - cond["mask"])
+    if ctype == "lowres":
+        return lowres_image(cfg, images)
+    if ctype == "semantic" and segmentation is not None:
+        k = cfg.model.concat_in_channels
+        ids = segmentation if segmentation.ndim == 3 else jnp.argmax(segmentation, axis=-1)
+        gray = ids.astype(jnp.float32)[..., None] / max(k - 1, 1) * 2.0 - 1.0
+        return jnp.broadcast_to(gray, (*gray.shape[:3], images.shape[-1]))
+    return images
 
 
 def init_state(cfg, model: LatentDiffusionModel, tx, key: jax.Array, latent_shape, cond: dict,
@@ -177,7 +221,8 @@ def make_train_step(cfg, model: LatentDiffusionModel, first_stage: FirstStage, t
         sample_key = k_post if cfg.first_stage.get("sample_posterior", True) else None
         z = jax.lax.stop_gradient(first_stage.encode(fs_vars, images, sample_key)) * state.scale_factor
         cond = {k: v for k, v in batch.items() if k in ("label", "tokens")}
-        cond.update(spatial_condition(cfg, first_stage, fs_vars, images, state.scale_factor, k_mask))
+        cond.update(spatial_condition(cfg, first_stage, fs_vars, images, state.scale_factor, k_mask,
+                                      segmentation=batch.get("segmentation")))
         cond.pop("mask", None)
         cond = drop_condition(cfg, cond, null_tokens, k_drop, cfg.condition.get("p_uncond", 0.0))
 

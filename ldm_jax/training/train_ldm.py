@@ -53,6 +53,11 @@ def host_batch(config, ds, step: int, token_table: np.ndarray | None) -> dict[st
         out["label"] = b["label"]
     elif config.condition.type == "text":
         out["tokens"] = token_table[b["label"]]
+    elif config.condition.type == "semantic":
+        if "segmentation" not in b:
+            raise ValueError(f"condition.type='semantic' needs a dataset with a 'segmentation' map per example; "
+                             f"data.name={config.data.name!r} has none")
+        out["segmentation"] = b["segmentation"]
     return out
 
 
@@ -80,8 +85,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt = Checkpointer(workdir, tc.get("max_to_keep", 3), tc.get("keep_every", 0), tc.get("async_checkpoint", True))
 
     def init_fn(key, scale):
-        cond = {k: jnp.asarray(v[:1]) for k, v in first.items() if k != "image"}
-        cond.update(L.spatial_condition(config, fs, fs.variables, jnp.asarray(first["image"][:1]), scale, key))
+        cond = {k: jnp.asarray(v[:1]) for k, v in first.items() if k not in ("image", "segmentation")}
+        seg = jnp.asarray(first["segmentation"][:1]) if "segmentation" in first else None
+        cond.update(L.spatial_condition(config, fs, fs.variables, jnp.asarray(first["image"][:1]), scale, key,
+                                        segmentation=seg))
         cond.pop("mask", None)
         return L.init_state(config, model, tx, key, latent_shape, cond, scale)
 
@@ -163,11 +170,13 @@ def sample_grid(config, model, sched, fs: L.FirstStage, state: L.LDMState, null_
         cond["tokens"] = jnp.asarray(token_table[labels])
     params, scale = common.to_host((state.ema_params, state.scale_factor))
     shown = None
-    if ctype in ("lowres", "inpaint"):
-        ds = make_dataset(config.data, "test", len(labels), 0, augment=False)
-        images = jnp.asarray(ds.batch_at(0)["image"])
-        cond.update(L.spatial_condition(config, fs, fs.variables, images, scale, jax.random.key(1)))
-        shown = images * (1 - cond["mask"]) if "mask" in cond else cond["concat"]
+    if ctype in ("lowres", "inpaint", "semantic"):
+        test_batch = make_dataset(config.data, "test", len(labels), 0, augment=False).batch_at(0)
+        images = jnp.asarray(test_batch["image"])
+        seg = jnp.asarray(test_batch["segmentation"]) if "segmentation" in test_batch else None
+        cond.update(L.spatial_condition(config, fs, fs.variables, images, scale, jax.random.key(1),
+                                        segmentation=seg))
+        shown = L.condition_preview(config, images, cond, seg)
         cond.pop("mask", None)
     uncond = L.null_condition(config, cond, None if null_tokens is None else jnp.asarray(null_tokens))
     sample = make_sample_fn(lambda p, x, t, c: model.apply({"params": p}, x, t, c), sched, sc.sampler, sc.steps,

@@ -1,0 +1,332 @@
+"""Sampling from a trained stage-2 workdir: EMA weights + scale_factor + frozen first stage (+ tokenizer).
+
+    ldm = LoadedLDM.load("runs/ldm")
+    images = ldm.sample(range(16), sampler="ddim", steps=50, guidance=3.0, class_labels=[7])
+
+Sample i is a pure function of (seed, i): its starting noise, sampler noise and inpainting mask come from keys
+folded from (seed, i), and the network runs on it alone (vmapped), so a sample does not depend on which
+batch it was drawn in. `sample_to_dir` writes OUT/000000.png ... and skips files already there, so an
+interrupted run resumes with identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ldm_jax.data.images import make_grid, save_png, to_uint8
+from ldm_jax.diffusion import SAMPLERS, DiffusionSchedule
+from ldm_jax.diffusion.generate import make_sample_fn
+from ldm_jax.models.latent_diffusion import LatentDiffusionModel
+from ldm_jax.training import ldm as L
+from ldm_jax.training.checkpoint import Checkpointer
+
+SPATIAL_TYPES = ("lowres", "inpaint", "semantic")
+GRID_MAX = 100  # grid.png shows at most this many samples
+SETTINGS_FILE = "sampling.json"
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config.json of a stage-2 workdir (one-line errors for a missing dir/file or a stage-1 workdir)."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"--workdir: no such directory: {workdir}")
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--workdir: {workdir} has no config.json (not a training workdir)")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if config.get("stage") != "ldm":
+        raise ValueError(f"--workdir: {workdir} holds a {config.get('stage')!r} run, not a latent diffusion model")
+    return config
+
+
+def real_classes(config: ml_collections.ConfigDict) -> int:
+    """Number of real classes of a class-conditional model (the last embedding index is the null class)."""
+    return int(config.model.n_classes) - 1
+
+
+def check_sample_args(config: ml_collections.ConfigDict, *, sampler: str = "ddim", steps: int = 50,
+                      eta: float = 0.0, guidance: float = 1.0, class_labels: Sequence[int] | None = None,
+                      prompts: Sequence[str] | None = None, size_factor: int = 1, num_samples: int = 1,
+                      batch_size: int = 1, seed: int = 0) -> None:
+    """Validates sampling arguments against the model's config; raises a one-line ValueError (no compiling)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+    T = int(config.diffusion.num_timesteps)
+    if not 1 <= int(steps) <= T:
+        raise ValueError(f"--steps must be in [1, {T}] (the model's diffusion timesteps), got {steps}")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"--eta must be a finite number >= 0, got {eta}")
+    if sampler == "plms" and eta != 0:
+        raise ValueError(f"--eta must be 0 for the plms sampler, got {eta}")
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"--guidance must be a finite number >= 0, got {guidance}")
+    if int(size_factor) != size_factor or size_factor < 1:
+        raise ValueError(f"--size_factor must be a positive integer, got {size_factor}")
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"--num_samples and --batch_size must be >= 1, got {num_samples} and {batch_size}")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
+    ctype = config.condition.type
+    if class_labels:
+        if ctype != "class":
+            raise ValueError(f"--class_label given but the model is not class-conditional (condition.type={ctype!r})")
+        n = real_classes(config)
+        bad = [k for k in class_labels if not 0 <= k < n]
+        if bad:
+            raise ValueError(f"--class_label must be in [0, {n - 1}] for this model, got {bad[0]}")
+    if prompts and ctype != "text":
+        raise ValueError(f"--prompt given but the model is not text-conditioned (condition.type={ctype!r})")
+    if ctype == "text" and not prompts and config.data.name != "fashion_mnist":
+        raise ValueError("this text-conditioned model needs --prompt")
+
+
+def resolve_first_stage(workdir: str, config: ml_collections.ConfigDict, override: str | None = None) -> str:
+    """The stage-1 workdir: `override`, else first_stage.workdir as saved (relative to the current directory,
+    or failing that to the stage-2 workdir's parent, so a moved runs/ directory still loads)."""
+    if override:
+        return override
+    path = config.first_stage.workdir
+    candidates = [path]
+    if not os.path.isabs(path):
+        parent = os.path.dirname(os.path.abspath(workdir))
+        candidates += [os.path.join(parent, path), os.path.join(parent, os.path.basename(path))]
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, "config.json")):
+            return c
+    return path  # load_first_stage names what is missing
+
+
+def restore_ema(workdir: str) -> tuple[dict, float, int]:
+    """(EMA params, scale_factor, step) of the latest checkpoint, without reading the optimizer state."""
+    ckpt = Checkpointer(workdir, async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+        ckpt.close()
+        raise FileNotFoundError(f"--workdir: no checkpoint under {ckpt.directory}")
+    import orbax.checkpoint as ocp
+
+    try:  # partial restore: the optimizer state (2× the params for Adam) is never read
+        meta = ckpt.manager.item_metadata(step)["state"]
+        meta = getattr(meta, "tree", meta)
+        wanted = {k: meta[k] for k in ("ema_params", "scale_factor", "step")}
+        item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
+        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item),
+            partial_restore=True))
+        state = ckpt.manager.restore(step, args=args)["state"]
+    except Exception:  # an older orbax without partial restore: read everything
+        state, _ = ckpt.restore_raw(step)
+    ckpt.close()
+    return jax.tree.map(np.asarray, state["ema_params"]), float(np.asarray(state["scale_factor"])), int(step)
+
+
+@dataclass
+class LoadedLDM:
+    """A trained latent diffusion model ready to sample: see the module docstring."""
+
+    config: ml_collections.ConfigDict
+    model: LatentDiffusionModel
+    first_stage: L.FirstStage
+    params: dict
+    scale_factor: float
+    sched: DiffusionSchedule
+    step: int
+    workdir: str
+    tokenizer: Any = None
+    _fns: dict = field(default_factory=dict, repr=False)
+    _source: Any = field(default=None, repr=False)
+
+    @classmethod
+    def load(cls, workdir: str, first_stage_workdir: str | None = None) -> LoadedLDM:
+        """Reads config.json, the latest checkpoint's EMA params and scale_factor, the first stage, the tokenizer."""
+        config = read_config(workdir)
+        fs = L.load_first_stage(resolve_first_stage(workdir, config, first_stage_workdir))
+        tokenizer = None
+        if config.condition.type == "text":
+            from ldm_jax.data.text import load_bert_tokenizer
+
+            tokenizer = load_bert_tokenizer(config.condition.get("vocab_path") or os.path.join(workdir, "tokenizer"))
+        params, scale, step = restore_ema(workdir)
+        model = L.build_model(config, fs)
+        return cls(config, model, fs, params, scale, L.make_schedule(config), step, workdir, tokenizer)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.config.data.resolution)
+
+    def latent_shape(self, size_factor: int = 1) -> tuple[int, int, int]:
+        """(h, w, c) of the latents sampled at `size_factor` × the training size (convolutional sampling)."""
+        side = self.resolution // self.first_stage.factor * int(size_factor)
+        return side, side, self.first_stage.latent_channels
+
+    # --- conditions of sample indices ---
+
+    def _tokens(self, texts: Sequence[str]) -> np.ndarray:
+        from ldm_jax.data.text import tokenize
+
+        return tokenize(self.tokenizer, list(texts), int(self.config.model.text_max_len))
+
+    def _spatial_inputs(self, indices: np.ndarray, size_factor: int) -> dict[str, np.ndarray]:
+        """Test-split example i % N (no augmentation) at size_factor × the training resolution."""
+        from ldm_jax.data.pipeline import Preprocessor, make_source, to_float
+
+        dc = self.config.data
+        if self._source is None:
+            self._source = make_source(dc, "test")
+        prep = Preprocessor(dc.resolution, dc.channels, dc.preprocess, False, augment=False)
+        exs = [self._source.get(int(i) % len(self._source)) for i in indices]
+        out = {"image": to_float(np.stack([prep(e["image"]) for e in exs]))}
+        if "segmentation" in exs[0]:
+            out["segmentation"] = np.stack([e["segmentation"] for e in exs])
+        if size_factor > 1:
+            r = self.resolution * size_factor
+            img = out["image"]
+            out["image"] = np.asarray(jax.image.resize(img, (len(img), r, r, img.shape[-1]), "linear"))
+            if "segmentation" in out:
+                seg = out["segmentation"]
+                out["segmentation"] = np.repeat(np.repeat(seg, size_factor, axis=1), size_factor, axis=2)
+        return out
+
+    def conditions(self, indices: np.ndarray, class_labels: Sequence[int] | None = None,
+                   prompts: Sequence[str] | None = None, size_factor: int = 1) -> tuple[dict, dict]:
+        """(label/tokens condition, spatial inputs) of samples `indices`; labels and prompts cycle over i."""
+        ctype = self.config.condition.type
+        cond: dict[str, np.ndarray] = {}
+        if ctype == "class":
+            labels = np.asarray(class_labels) if class_labels else np.arange(real_classes(self.config))
+            cond["label"] = labels[indices % len(labels)].astype(np.int32)
+        elif ctype == "text":
+            if not prompts:
+                from ldm_jax.data.fashion_mnist import CLASS_NAMES
+                from ldm_jax.data.text import class_captions
+
+                prompts = class_captions(CLASS_NAMES)  # the training captions
+            table = self._tokens(prompts)
+            cond["tokens"] = table[indices % len(prompts)]
+        spatial = self._spatial_inputs(indices, size_factor) if ctype in SPATIAL_TYPES else {}
+        return cond, spatial
+
+    # --- the compiled sampler ---
+
+    def _generator(self, sampler: str, steps: int, eta: float, guidance: float, size_factor: int) -> Callable:
+        key = (sampler, steps, eta, guidance, size_factor)
+        if key in self._fns:
+            return self._fns[key]
+        cfg, fs, model, scale = self.config, self.first_stage, self.model, self.scale_factor
+        ctype = cfg.condition.type
+        guided = ctype in ("class", "text") and guidance != 1.0
+        null_tokens = None
+        if ctype == "text":
+            from ldm_jax.data.text import NULL_TEXT
+
+            null_tokens = jnp.asarray(self._tokens([NULL_TEXT])[0])
+        sample = make_sample_fn(lambda p, x, t, c: model.apply({"params": p}, x, t, c), self.sched, sampler, steps,
+                                eta, guidance, cfg.diffusion.parameterization)
+        shape = (1, *self.latent_shape(size_factor))
+
+        def one(params, cond, uncond, key):
+            add_batch = lambda tree: jax.tree.map(lambda v: v[None], tree)  # noqa: E731
+            return sample(params, add_batch(cond), None if uncond is None else add_batch(uncond), key, shape)[0]
+
+        @jax.jit
+        def generate(params, fs_vars, cond, spatial, indices, seed):
+            base = jax.random.key(seed)
+            keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
+            sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+            mask = None
+            if ctype in SPATIAL_TYPES:
+                images = spatial["image"]
+                if ctype == "inpaint":
+                    h, w = images.shape[1:3]
+                    mask = jax.vmap(lambda k: L.random_box_masks(jax.random.fold_in(k, 1), 1, h, w)[0])(keys)
+                sc = L.spatial_condition(cfg, fs, fs_vars, images, scale, None, mask=mask,
+                                         segmentation=spatial.get("segmentation"))
+                sc.pop("mask", None)
+                cond = {**cond, **sc}
+            uncond = L.null_condition(cfg, cond, null_tokens) if guided else None
+            z = jax.vmap(one, in_axes=(None, 0, 0 if guided else None, 0))(params, cond, uncond, sample_keys)
+            x = jnp.clip(fs.decode(fs_vars, z / scale), -1.0, 1.0)
+            if mask is not None:  # keep the known pixels exactly, as the reference inpainting script
+                x = mask * x + (1.0 - mask) * spatial["image"]
+            return x
+
+        self._fns[key] = generate
+        return generate
+
+    def sample(self, indices: Iterable[int], *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+               guidance: float = 1.0, class_labels: Sequence[int] | None = None,
+               prompts: Sequence[str] | None = None, size_factor: int = 1, seed: int = 0) -> np.ndarray:
+        """Images float32 (len(indices), H, W, C) in [-1, 1] of samples `indices` (one compiled batch)."""
+        indices = np.asarray(list(indices), np.int32)
+        check_sample_args(self.config, sampler=sampler, steps=steps, eta=eta, guidance=guidance,
+                          class_labels=class_labels, prompts=prompts, size_factor=size_factor,
+                          num_samples=len(indices), batch_size=max(len(indices), 1), seed=seed)
+        cond, spatial = self.conditions(indices, class_labels, prompts, size_factor)
+        gen = self._generator(sampler, int(steps), float(eta), float(guidance), int(size_factor))
+        out = gen(self.params, self.first_stage.variables, cond, spatial, jnp.asarray(indices), seed)
+        return np.asarray(out)
+
+    def sample_to_dir(self, out_dir: str, num_samples: int, batch_size: int, *, seed: int = 0,
+                      progress: Callable[[Iterable], Iterable] | None = None, **kwargs) -> dict[str, float]:
+        """Writes OUT/000000.png ... OUT/{N-1}.png and OUT/grid.png, skipping existing files (resume).
+
+        Batches are always [kB, (k+1)B) padded to B, so a resumed run repeats the very same computations.
+        OUT/sampling.json records the settings; resuming with different ones is refused."""
+        check_sample_args(self.config, num_samples=num_samples, batch_size=batch_size, seed=seed, **kwargs)
+        settings = {"workdir": os.path.abspath(self.workdir), "checkpoint_step": self.step, "seed": seed,
+                    **{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in kwargs.items()}}
+        _check_settings(out_dir, settings)
+        paths = [os.path.join(out_dir, f"{i:06d}.png") for i in range(num_samples)]
+        todo = [k for k in range(math.ceil(num_samples / batch_size))
+                if not all(os.path.exists(p) for p in paths[k * batch_size:(k + 1) * batch_size])]
+        t0, written = time.time(), 0
+        for k in (progress(todo) if progress else todo):
+            idx = np.arange(k * batch_size, (k + 1) * batch_size)
+            images = to_uint8(self.sample(idx, seed=seed, **kwargs))
+            for i, img in zip(idx, images, strict=True):
+                if i < num_samples and not os.path.exists(paths[i]):
+                    save_png(img, paths[i])
+                    written += 1
+        elapsed = time.time() - t0
+        write_grid(paths[:GRID_MAX], os.path.join(out_dir, "grid.png"))
+        return {"written": written, "skipped": num_samples - written, "seconds": elapsed,
+                "samples_per_s": written / elapsed if written else 0.0}
+
+
+def _check_settings(out_dir: str, settings: dict) -> None:
+    """Records the sampling settings in OUT; refuses to mix files made with different ones into one folder."""
+    path = os.path.join(out_dir, SETTINGS_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+        if diff:
+            k = diff[0]
+            raise ValueError(f"--out {out_dir} holds samples made with {k}={old.get(k)!r}, not {settings.get(k)!r}; "
+                             "use another --out")
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(settings, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def write_grid(paths: Sequence[str], out_path: str) -> None:
+    """A square-ish grid PNG of the given sample PNGs."""
+    from PIL import Image
+
+    images = [np.asarray(Image.open(p)) for p in paths]
+    images = np.stack([im[..., None] if im.ndim == 2 else im for im in images])
+    save_png(make_grid(images, math.ceil(math.sqrt(len(images)))), out_path)
