@@ -1,8 +1,8 @@
 """Stage 2, semantic synthesis LDM on VQ-f4 latents (reference semantic_synthesis256): the one-hot segmentation
 (182 COCO-stuff classes) is rescaled by 2 bilinear halvings + a 1×1 conv to 3 channels (SpatialRescaler) and
-concatenated to the latents (UNet in 6), UNet ch 128, mult 1,4,8 (the reference's attention at ds 32,16,8 is never reached with 3
-levels: attention only in the middle block, 8 heads), L1,
-schedule 0.0015 → 0.0205, base lr 1e-6.
+concatenated to the latents (UNet in 6), UNet ch 128, mult 1,4,8, 8 heads (the reference's attention at ds
+32,16,8 is never reached with 3 levels: attention only in the middle block), L1, schedule 0.0015 → 0.0205,
+base lr 1e-6.
 
 Needs a data source whose examples carry a 'segmentation' map (int class ids (H, W) or one-hot (H, W, 182)).
 python train.py --config configs/semantic.py --workdir runs/semantic

@@ -1,6 +1,7 @@
 """Stage 2, ×4 super-resolution LDM on VQ-f4 latents (reference bsr_sr; paper ImageNet ×4 FID 2.8): the 64×64
 low-res image is concatenated to the 64×64×3 latents (UNet in 6 = 3 + 3), UNet ch 160, mult 1,2,2,4, attention
-at ds 8 (the reference lists 16, 8; 16 is never reached) with 32-channel heads, schedule 0.0015 → 0.0155, L2, base lr 1e-6, batch 64.
+at ds 8 (the reference lists 16, 8; 16 is never reached) with 32-channel heads, schedule 0.0015 → 0.0155, L2,
+base lr 1e-6, batch 64.
 
 Degradation: an antialiased bilinear ×1/4 (the reference's "bsrgan_light" degradation pipeline is not ported).
 python train.py --config configs/sr_bsr.py --workdir runs/sr --config.data.path=/data/openimages/{split}

@@ -34,6 +34,9 @@ from ldm_jax.training.checkpoint import Checkpointer
 SPATIAL_TYPES = ("lowres", "inpaint", "semantic")
 GRID_MAX = 100  # grid.png shows at most this many samples
 SETTINGS_FILE = "sampling.json"
+# Compiled samplers per (model identity, settings), shared by LoadedLDM objects of the same checkpoint, so a
+# process that loads a workdir again (a resumed sample.py main, a notebook) does not compile again.
+_GENERATORS: dict[tuple, Callable] = {}
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -116,19 +119,37 @@ def restore_ema(workdir: str) -> tuple[dict, float, int]:
         raise FileNotFoundError(f"--workdir: no checkpoint under {ckpt.directory}")
     import orbax.checkpoint as ocp
 
+    path = os.path.join(ckpt.directory, str(step), "state")
     try:  # partial restore: the optimizer state (2× the params for Adam) is never read
-        meta = ckpt.manager.item_metadata(step)["state"]
-        meta = getattr(meta, "tree", meta)
-        wanted = {k: meta[k] for k in ("ema_params", "scale_factor", "step")}
-        item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
-        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item),
-            partial_restore=True))
-        state = ckpt.manager.restore(step, args=args)["state"]
-    except Exception:  # an older orbax without partial restore: read everything
+        with ocp.PyTreeCheckpointer() as reader:
+            tree = reader.metadata(path)
+            tree = getattr(tree, "item_metadata", tree)
+            tree = getattr(tree, "tree", tree)
+            item = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype),
+                                {k: tree[k] for k in ("ema_params", "scale_factor", "step")})
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+            state = reader.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                     partial_restore=True))
+    except Exception:  # another orbax layout: read everything
         state, _ = ckpt.restore_raw(step)
     ckpt.close()
     return jax.tree.map(np.asarray, state["ema_params"]), float(np.asarray(state["scale_factor"])), int(step)
+
+
+def load_text_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Any:
+    """The model's tokenizer: condition.tokenizer 'bert' (WordPiece, default) or 'clip' (BPE, converted SD
+    models); from condition.vocab_path, else WORKDIR/tokenizer."""
+    path = config.condition.get("vocab_path") or os.path.join(workdir, "tokenizer")
+    kind = config.condition.get("tokenizer", "bert")
+    if kind == "clip":
+        from ldm_jax.data.clip_tokenizer import load_clip_tokenizer
+
+        return load_clip_tokenizer(path)
+    if kind != "bert":
+        raise ValueError(f"condition.tokenizer must be 'bert' or 'clip', got {kind!r}")
+    from ldm_jax.data.text import load_bert_tokenizer
+
+    return load_bert_tokenizer(path)
 
 
 @dataclass
@@ -144,7 +165,6 @@ class LoadedLDM:
     step: int
     workdir: str
     tokenizer: Any = None
-    _fns: dict = field(default_factory=dict, repr=False)
     _source: Any = field(default=None, repr=False)
 
     @classmethod
@@ -154,9 +174,7 @@ class LoadedLDM:
         fs = L.load_first_stage(resolve_first_stage(workdir, config, first_stage_workdir))
         tokenizer = None
         if config.condition.type == "text":
-            from ldm_jax.data.text import load_bert_tokenizer
-
-            tokenizer = load_bert_tokenizer(config.condition.get("vocab_path") or os.path.join(workdir, "tokenizer"))
+            tokenizer = load_text_tokenizer(config, workdir)
         params, scale, step = restore_ema(workdir)
         model = L.build_model(config, fs)
         return cls(config, model, fs, params, scale, L.make_schedule(config), step, workdir, tokenizer)
@@ -220,9 +238,10 @@ class LoadedLDM:
     # --- the compiled sampler ---
 
     def _generator(self, sampler: str, steps: int, eta: float, guidance: float, size_factor: int) -> Callable:
-        key = (sampler, steps, eta, guidance, size_factor)
-        if key in self._fns:
-            return self._fns[key]
+        key = (os.path.abspath(self.workdir), self.step, os.path.abspath(self.first_stage.workdir),
+               self.config.to_json(sort_keys=True), sampler, steps, eta, guidance, size_factor)
+        if key in _GENERATORS:
+            return _GENERATORS[key]
         cfg, fs, model, scale = self.config, self.first_stage, self.model, self.scale_factor
         ctype = cfg.condition.type
         guided = ctype in ("class", "text") and guidance != 1.0
@@ -261,7 +280,7 @@ class LoadedLDM:
                 x = mask * x + (1.0 - mask) * spatial["image"]
             return x
 
-        self._fns[key] = generate
+        _GENERATORS[key] = generate
         return generate
 
     def sample(self, indices: Iterable[int], *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,

@@ -202,6 +202,10 @@ class _Autoencoder(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     norm_groups: int = 32
+    # False drops the 1×1 conv (diffusers' use_quant_conv / use_post_quant_conv; the reference always has both);
+    # then embed_dim must equal z_channels.
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
 
     @property
     def downsample_factor(self) -> int:
@@ -210,6 +214,19 @@ class _Autoencoder(nn.Module):
     def _decoder(self) -> Decoder:
         return Decoder(self.ch, self.in_channels, self.ch_mult, self.num_res_blocks, self.attn_resolutions,
                        self.resolution, self.mid_attn, self.dropout, self.dtype, self.norm_groups, name="decoder")
+
+    def _quant_convs(self, quant_features: int) -> None:
+        if not (self.use_quant_conv and self.use_post_quant_conv) and self.embed_dim != self.z_channels:
+            raise ValueError(f"model.embed_dim={self.embed_dim} must equal model.z_channels={self.z_channels} "
+                             "without quant_conv/post_quant_conv")
+        self.quant_conv = nn.Conv(quant_features, (1, 1), dtype=self.dtype) if self.use_quant_conv else None
+        self.post_quant_conv = nn.Conv(self.z_channels, (1, 1), dtype=self.dtype) if self.use_post_quant_conv else None
+
+    def _quant(self, h: jax.Array) -> jax.Array:
+        return h if self.quant_conv is None else self.quant_conv(h)
+
+    def _post_quant(self, z: jax.Array) -> jax.Array:
+        return z if self.post_quant_conv is None else self.post_quant_conv(z)
 
     def _encoder(self, double_z: bool) -> Encoder:
         return Encoder(self.ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions, self.resolution,
@@ -223,15 +240,14 @@ class AutoencoderKL(_Autoencoder):
     def setup(self):
         self.encoder = self._encoder(double_z=True)
         self.decoder = self._decoder()
-        self.quant_conv = nn.Conv(2 * self.embed_dim, (1, 1), dtype=self.dtype)
-        self.post_quant_conv = nn.Conv(self.z_channels, (1, 1), dtype=self.dtype)
+        self._quant_convs(2 * self.embed_dim)
 
     def encode(self, x: jax.Array, train: bool = False) -> DiagonalGaussian:
-        moments = self.quant_conv(self.encoder(x, train)).astype(jnp.float32)
+        moments = self._quant(self.encoder(x, train)).astype(jnp.float32)
         return DiagonalGaussian.from_moments(moments)
 
     def decode(self, z: jax.Array, train: bool = False, return_features: bool = False):
-        return self.decoder(self.post_quant_conv(z), train, return_features)
+        return self.decoder(self._post_quant(z), train, return_features)
 
     def encode_latent(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """What stage 2 diffuses: a posterior sample (with `key`) or its mode."""
@@ -261,18 +277,17 @@ class VQModel(_Autoencoder):
     def setup(self):
         self.encoder = self._encoder(double_z=False)
         self.decoder = self._decoder()
-        self.quant_conv = nn.Conv(self.embed_dim, (1, 1), dtype=self.dtype)
-        self.post_quant_conv = nn.Conv(self.z_channels, (1, 1), dtype=self.dtype)
+        self._quant_convs(self.embed_dim)
         self.quantize = VectorQuantizer(
             self.n_embed, self.embed_dim, self.beta, self.legacy_beta, self.ema_decay, self.dead_code_threshold
         )
 
     def encode(self, x: jax.Array, train: bool = False) -> jax.Array:
-        return self.quant_conv(self.encoder(x, train)).astype(jnp.float32)
+        return self._quant(self.encoder(x, train)).astype(jnp.float32)
 
     def decode(self, z: jax.Array, train: bool = False, return_features: bool = False):
         """Decode already-quantised latents."""
-        return self.decoder(self.post_quant_conv(z), train, return_features)
+        return self.decoder(self._post_quant(z), train, return_features)
 
     def encode_latent(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         del key  # deterministic
@@ -300,6 +315,7 @@ def build_autoencoder(cfg: Any) -> _Autoencoder:
         attn_resolutions=tuple(cfg.attn_resolutions), resolution=cfg.resolution, in_channels=cfg.in_channels,
         z_channels=cfg.z_channels, mid_attn=cfg.get("mid_attn", True), dropout=cfg.get("dropout", 0.0),
         dtype=jnp.dtype(cfg.get("dtype", "float32")), norm_groups=cfg.get("norm_groups", 32),
+        use_quant_conv=cfg.get("use_quant_conv", True), use_post_quant_conv=cfg.get("use_post_quant_conv", True),
     )
     for m in cfg.ch_mult:
         if (cfg.ch * m) % kw["norm_groups"]:

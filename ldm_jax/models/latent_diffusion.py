@@ -17,17 +17,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ldm_jax.models.clip import CLIPTextTransformer, clip_kwargs
 from ldm_jax.models.conditioning import ClassEmbedder, SpatialRescaler, TransformerEmbedder
 from ldm_jax.models.unet import UNetModel
 
 CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid", "adm")
-COND_STAGES = ("none", "class", "text")
+COND_STAGES = ("none", "class", "text", "clip")
 
 
 class LatentDiffusionModel(nn.Module):
     unet_kwargs: dict
     conditioning_key: str | None = None
-    cond_stage: str = "none"  # τθ for cross-attention: "class", "text" or "none"
+    cond_stage: str = "none"  # τθ for cross-attention: "class", "text" (trained jointly), "clip" (SD v1) or "none"
     n_classes: int = 0  # including the null class (last index)
     context_dim: int = 512
     vocab_size: int = 0
@@ -36,6 +37,7 @@ class LatentDiffusionModel(nn.Module):
     concat_rescale_stages: int = 0  # bilinear ×0.5 stages applied to the concat condition
     concat_channels: int = 0
     concat_in_channels: int = 0  # > 0: a 1×1 conv maps these (e.g. 182 semantic classes) to concat_channels
+    clip: dict | None = None  # cond_stage "clip": CLIPTextTransformer kwargs (models/clip.py)
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -45,6 +47,8 @@ class LatentDiffusionModel(nn.Module):
         elif self.cond_stage == "text":
             self.cond_encoder = TransformerEmbedder(self.vocab_size, self.context_dim, self.text_layers,
                                                     self.text_max_len, dtype=self.dtype)
+        elif self.cond_stage == "clip":
+            self.cond_encoder = CLIPTextTransformer(**(self.clip or {}), dtype=self.dtype)
         if self._rescales:
             mapped = bool(self.concat_in_channels)
             self.rescaler = SpatialRescaler(self.concat_rescale_stages, "bilinear", 0.5,
@@ -59,7 +63,7 @@ class LatentDiffusionModel(nn.Module):
         """τθ(y): the cross-attention context, or None."""
         if self.cond_stage == "class":
             return self.cond_encoder(cond["label"])
-        if self.cond_stage == "text":
+        if self.cond_stage in ("text", "clip"):
             return self.cond_encoder(cond["tokens"])
         return None
 
@@ -98,6 +102,9 @@ def build_latent_diffusion(cfg: ml_collections.ConfigDict, latent_channels: int)
         raise ValueError(f"model.unet.out_channels={u.out_channels} but the stage-1 latents have "
                          f"{latent_channels} channels")
     crossattn = key in ("crossattn", "hybrid")
+    clip = clip_kwargs(cfg.get("clip") or {}) if cond_stage == "clip" else None
+    if clip is not None and crossattn and clip["width"] != cfg.context_dim:
+        raise ValueError(f"model.context_dim={cfg.context_dim} but model.clip.width={clip['width']} (the context)")
     unet_kwargs = dict(
         in_channels=u.in_channels, out_channels=u.out_channels, model_channels=u.model_channels,
         channel_mult=tuple(u.channel_mult), num_res_blocks=u.num_res_blocks,
@@ -114,6 +121,6 @@ def build_latent_diffusion(cfg: ml_collections.ConfigDict, latent_channels: int)
         context_dim=cfg.get("context_dim", 512), vocab_size=cfg.get("vocab_size", 0),
         text_layers=cfg.get("text_layers", 1), text_max_len=cfg.get("text_max_len", 77),
         concat_rescale_stages=cfg.get("concat_rescale_stages", 0), concat_channels=concat_ch,
-        concat_in_channels=cfg.get("concat_in_channels", 0) if concat_ch else 0,
+        concat_in_channels=cfg.get("concat_in_channels", 0) if concat_ch else 0, clip=clip,
         dtype=jnp.dtype(cfg.get("dtype", "float32")),
     )

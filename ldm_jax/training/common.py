@@ -69,11 +69,12 @@ def scaled_lr(train_cfg: ml_collections.ConfigDict) -> float:
     return float(train_cfg.base_lr) * train_cfg.batch_size * train_cfg.get("grad_accum", 1)
 
 
-def compile_step(step_fn, args: tuple, in_shardings, out_shardings, donate_argnums=(0,), name: str = "train_step"):
+def compile_step(step_fn, args: tuple, in_shardings, out_shardings, donate_argnums=(0,), name: str = "train_step",
+                 compiler_options: dict[str, Any] | None = None):
     """AOT-compiles `step_fn` for the given example args; logs compile time, FLOPs/step and memory estimate."""
     t0 = time.time()
     jitted = jax.jit(step_fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums)
-    compiled = jitted.lower(*args).compile()
+    compiled = jitted.lower(*args).compile(compiler_options)
     report = {"compile_s": time.time() - t0}
     try:
         cost = compiled.cost_analysis()

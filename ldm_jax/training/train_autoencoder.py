@@ -57,6 +57,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tc = config.train
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch_size(tc.batch_size, mesh)
+    mesh_lib.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     model, disc, tx_g, tx_d = ae.build_models(config)
     lpips_params = load_lpips_if_needed(config)
     pid, pcount = jax.process_index(), jax.process_count()

@@ -1,0 +1,233 @@
+"""Shared helpers of the scale-out / resume / error tests: tiny configs, stage-1 workdirs, train.py subprocesses.
+
+Not a test module (no `test_` prefix); imported by tests/test_scaleout.py, test_resume.py and test_errors.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from ldm_jax.config_defaults import autoencoder_config, ldm_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Unoptimised XLA CPU code compiles several times faster; these tests are compile-bound and the programs tiny.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+RES = 16  # image side in these tests
+
+
+def tiny_ae_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """A KL-f2 autoencoder on 16×16 Fashion-MNIST crops, PatchGAN on from step 0, no LPIPS anywhere."""
+    c = autoencoder_config("kl")
+    c.model.update(embed_dim=4, z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                   resolution=RES, in_channels=1, norm_groups=8, mid_attn=False)
+    c.data.update(name="fashion_mnist", resolution=RES, channels=1, preprocess="pad", random_flip=False,
+                  num_examples=256, prefetch=0)
+    # lpips_path to a missing file: no perceptual loss and no LPIPS eval metric (VGG would dominate the cost).
+    c.loss.update(perceptual_weight=0.0, lpips_path="/nonexistent/lpips.npz", disc_start=0, disc_weight=0.5,
+                  disc_n_layers=1, disc_ndf=8)
+    c.train.update(batch_size=8, num_steps=4, base_lr=1e-4, log_every=1, ckpt_every=2, grid_every=0,
+                   max_to_keep=100)
+    c.eval.update(split="test", num_examples=8, batch_size=8)
+    c.mesh.min_shard_size = 64  # tiny tensors too: make fsdp really shard something
+    _apply(c, overrides)
+    return c
+
+
+def tiny_ldm_config(first_stage_workdir: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """An unconditional 32-channel UNet on the 8×8×4 latents of `tiny_ae_config`."""
+    c = ldm_config()
+    c.first_stage.update(workdir=first_stage_workdir, scale_factor=1.0, scale_by_std=False)
+    c.condition.update(type="none")
+    c.model.update(conditioning_key=None, cond_stage="none")
+    c.model.unet.update(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(), num_heads=-1, num_head_channels=32)
+    c.data.update(name="fashion_mnist", resolution=RES, channels=1, preprocess="pad", random_flip=False,
+                  num_examples=256, prefetch=0)
+    c.diffusion.update(num_timesteps=100)
+    c.train.update(batch_size=8, num_steps=2, base_lr=1e-3, scale_lr=False, warmup_steps=0, ema_decay=0.9,
+                   log_every=1, ckpt_every=1)
+    c.sampling.update(sampler="ddim", steps=2, guidance=1.0, grid_per_class=2)
+    c.mesh.min_shard_size = 64
+    _apply(c, overrides)
+    return c
+
+
+def _apply(c: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
+    """Dotted overrides: {"model.ch": 16} as `--config.model.ch=16` would."""
+    for dotted, value in overrides.items():
+        node = c
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+
+
+def flags_for(overrides: dict[str, Any]) -> list[str]:
+    """`--config.a.b=value` flags for train.py."""
+    out = []
+    for k, v in overrides.items():
+        out.append(f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}")
+    return out
+
+
+def init_params_numpy(abstract: Any, seed: int = 0) -> Any:
+    """Deterministic random values for an abstract pytree without compiling an init (scales ≈ 1, others ≈ 0)."""
+    rng = np.random.default_rng(seed)
+    paths = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    leaves = []
+    for path, leaf in paths:
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            leaves.append(np.ones(leaf.shape, leaf.dtype))
+        else:
+            leaves.append((0.1 * rng.standard_normal(leaf.shape)).astype(leaf.dtype))
+    return jax.tree.unflatten(jax.tree.structure(abstract), leaves)
+
+
+def write_stage1_workdir(workdir: str, config: ml_collections.ConfigDict, state: Any = None, step: int = 1) -> None:
+    """A stage-1 workdir as train_autoencoder leaves it (config.json + Orbax checkpoint), without training.
+
+    `state`: an AEState-like pytree with params/model_state; default: random numpy params, no compile needed."""
+    from ldm_jax.models.autoencoder import build_autoencoder
+    from ldm_jax.training.checkpoint import Checkpointer
+    from ldm_jax.training.common import save_config
+
+    if state is None:
+        model = build_autoencoder(config.model)
+        x = jax.ShapeDtypeStruct((1, RES, RES, config.model.in_channels), np.float32)
+        abstract = jax.eval_shape(lambda k, x: model.init({"params": k}, x), jax.random.key(0), x)
+        params = init_params_numpy(abstract["params"])
+        state = {"params": {"model": params, "logvar": np.zeros((), np.float32)}, "model_state": {}}
+    save_config(config, workdir)
+    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt.save(step, state, {"config": config.to_dict()}, force=True)
+    ckpt.close()
+
+
+# --- subprocesses ---
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(num_devices: int, cache_dir: str | None = None) -> dict[str, str]:
+    """Environment of a train.py child: forced host device count, cheap compiles, shared compilation cache."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices} {FAST_XLA_FLAGS}"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["JAX_PLATFORMS"] = "cpu"
+    if cache_dir:
+        # Runs of the same program (straight / killed / resumed) compile it once.
+        env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    return env
+
+
+def train_cmd(config_file: str, workdir: str, overrides: dict[str, Any]) -> list[str]:
+    return [sys.executable, os.path.join(REPO, "train.py"), f"--config={config_file}", f"--workdir={workdir}",
+            *flags_for(overrides)]
+
+
+def start_train(config_file: str, workdir: str, overrides: dict[str, Any], num_devices: int = 8,
+                cache_dir: str | None = None, log_path: str | None = None) -> subprocess.Popen:
+    """Starts train.py in a child process; its stdout+stderr go to `log_path` (default WORKDIR.log)."""
+    log_path = log_path or workdir.rstrip("/") + ".log"
+    log = open(log_path, "w")  # noqa: SIM115 (closed by the child's exit; the parent keeps only the path)
+    proc = subprocess.Popen(train_cmd(config_file, workdir, overrides), stdout=log, stderr=subprocess.STDOUT,
+                            env=subprocess_env(num_devices, cache_dir), cwd=REPO)
+    proc.log_path = log_path  # type: ignore[attr-defined]
+    log.close()
+    return proc
+
+
+def wait(proc: subprocess.Popen, timeout: float) -> int:
+    """Waits for a child; on timeout kills it and fails with the tail of its log."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"train.py timed out after {timeout}s:\n{log_tail(proc)}") from None
+
+
+def log_tail(proc: subprocess.Popen, n: int = 40) -> str:
+    with open(proc.log_path) as f:  # type: ignore[attr-defined]
+        return "".join(f.readlines()[-n:])
+
+
+def log_text(proc: subprocess.Popen) -> str:
+    with open(proc.log_path) as f:  # type: ignore[attr-defined]
+        return f.read()
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, poll: float = 0.05) -> None:
+    """Polls `predicate()` until true; fails on timeout or when `proc` exits first."""
+    t0 = time.time()
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"train.py exited ({proc.returncode}) before the awaited event:\n{log_tail(proc)}")
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"awaited event did not happen in {timeout}s" +
+                                 (f":\n{log_tail(proc)}" if proc is not None else ""))
+        time.sleep(poll)
+
+
+def committed_steps(workdir: str) -> list[int]:
+    """Finished checkpoint steps (plain integer directory names; Orbax's temporaries have suffixes)."""
+    d = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(d):
+        return []
+    return sorted(int(n) for n in os.listdir(d) if re.fullmatch(r"\d+", n))
+
+
+def logged_train_steps(proc: subprocess.Popen) -> list[int]:
+    """Steps whose train metrics the child has logged so far (log_every=1)."""
+    return [int(s) for s in re.findall(r"\[(\d+)\] train/", log_text(proc))]
+
+
+def restore_host(workdir: str, step: int | None = None) -> tuple[Any, dict]:
+    """The raw (numpy) state + meta of a workdir's checkpoint."""
+    from ldm_jax.training.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(workdir, async_save=False)
+    try:
+        return ckpt.restore_raw(step)
+    finally:
+        ckpt.close()
+
+
+def read_metrics(workdir: str) -> dict:
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        return json.load(f)
+
+
+def assert_trees_equal(a: Any, b: Any) -> None:
+    """Bit-identical pytrees (same structure, same bytes)."""
+    la, lb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb, strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
+        assert np.array_equal(x, y), f"{jax.tree_util.keystr(path)}: max |diff| {np.max(np.abs(x - y))}"
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
