@@ -30,6 +30,9 @@ setup(
         "importlib_resources",
     ],
     extras_require={
-        "test": ["pytest", "ruff", "scikit-image"],
+        # Parity tests against the PyTorch reference implementations (torch 2.13.0 is a local CPU wheel here).
+        "test": ["pytest", "ruff", "scikit-image", "torch==2.13.0", "diffusers", "safetensors", "matplotlib",
+                 "nbclient", "nbformat", "ipykernel"],
+        "convert": ["torch", "safetensors"],
     },
 )

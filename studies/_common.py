@@ -221,6 +221,7 @@ def train_ldm_for(config: ml_collections.ConfigDict, first_stage, seconds: float
     latent_shape = (res // f, res // f, first_stage.latent_channels)
     state = L.init_state(config, model, tx, jax.random.key(config.seed), latent_shape,
                          {"label": jnp.asarray(first["label"][:1])}, scale)
+    state = state.replace(ema_params=jax.tree.map(jnp.copy, state.params))  # own buffers: the state is donated
     step = jax.jit(L.make_train_step(config, model, first_stage, tx, sched), donate_argnums=0)
     t0 = time.time()
     n, losses = 0, []

@@ -5,6 +5,7 @@ Not a test module (no `test_` prefix); imported by tests/test_scaleout.py, test_
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -231,3 +232,47 @@ def assert_trees_equal(a: Any, b: Any) -> None:
 def max_abs_diff(a: Any, b: Any) -> float:
     return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+# --- the shared straight reference run of the tiny stage-1 config (used by test_resume and test_scaleout) ---
+
+TINY_AE = os.path.join(REPO, "tests", "tiny_config.py") + ":ae"
+REF_STEPS = 16
+# fsdp-sharded on 8 devices: checkpoints hold sharded arrays; the multi-host run uses the same mesh.
+REF_OVERRIDES = {"train.num_steps": REF_STEPS, "mesh.data": 2, "mesh.fsdp": 4}
+_jobs: dict[str, Any] = {}
+
+
+class ReferenceRun:
+    """train.py for REF_STEPS steps without interruption, started in the background (one per session)."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.cache_dir = os.path.join(root, "xla_cache")
+        self.workdir = os.path.join(root, "reference")
+        self.proc = start_train(TINY_AE, self.workdir, REF_OVERRIDES, 8, self.cache_dir)
+        self.rc: int | None = None
+        atexit.register(self.kill)  # never outlive the test session
+
+    def wait_compiled(self, timeout: float = 600) -> None:
+        """Until the step is compiled (then it is in the persistent cache for runs of the same program)."""
+        wait_for(lambda: "autoencoder_step(use_disc=True) compiled" in log_text(self.proc), timeout, self.proc)
+
+    def wait(self, timeout: float = 600) -> str:
+        """Waits for success; returns the workdir."""
+        if self.rc is None:
+            self.rc = wait(self.proc, timeout)
+        assert self.rc == 0, f"reference run failed ({self.rc}):\n{log_tail(self.proc)}"
+        return self.workdir
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def reference_run(root: str) -> ReferenceRun:
+    """The session's reference run (started on first use under `root`)."""
+    if "reference" not in _jobs:
+        _jobs["reference"] = ReferenceRun(root)
+    return _jobs["reference"]

@@ -1,6 +1,7 @@
 """eval.py / ldm_jax.evaluate_workdir on tiny workdirs (JSON keys, finite numbers, one-line errors), the
 evaluation pipelines against independent numpy computations, and notebooks/explore.ipynb run headlessly."""
 
+import importlib.util
 import json
 import os
 
@@ -57,9 +58,9 @@ def ldm_dir(ae_dir, tmp_path_factory):
     c.first_stage.update(workdir=ae_dir, scale_by_std=True, sample_posterior=False)
     c.data.update(name="fashion_mnist", resolution=RES, channels=1, preprocess="pad", random_flip=False, prefetch=0)
     c.condition.update(type="class", p_uncond=0.2)
-    c.model.update(conditioning_key="crossattn", cond_stage="class", n_classes=11, context_dim=16)
-    c.model.unet.update(in_channels=3, out_channels=3, model_channels=16, channel_mult=(1,), num_res_blocks=1,
-                        attention_resolutions=(1,), num_head_channels=16)
+    c.model.update(conditioning_key="crossattn", cond_stage="class", n_classes=11, context_dim=32)
+    c.model.unet.update(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1,), num_res_blocks=1,
+                        attention_resolutions=(1,), num_head_channels=32)
     c.train.update(batch_size=BATCH, base_lr=1e-3, scale_lr=False, ema_decay=0.9, warmup_steps=0)
     c.sampling.update(steps=3, guidance=2.0)
     fs = L.load_first_stage(ae_dir)
@@ -82,8 +83,9 @@ def ldm_dir(ae_dir, tmp_path_factory):
 
 
 def _eval(argv, capsys):
-    import eval as eval_py
-
+    spec = importlib.util.spec_from_file_location("eval_py", os.path.join(REPO, "eval.py"))
+    eval_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_py)
     code = eval_py.main(argv)
     out = capsys.readouterr()
     return code, out.out, out.err

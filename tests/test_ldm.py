@@ -144,8 +144,8 @@ def test_guidance_scale_one_is_the_conditional_prediction(trained):
     shape, key = (2, 4, 4, 1), jax.random.key(3)
 
     def run(guidance, c=cond, u=uncond):
-        return np.asarray(jax.jit(lambda p: make_sample_fn(apply, sched, "ddim", 5, 0.0, guidance)(p, c, u, key,
-                                                                                                  shape))(0.5))
+        fn = make_sample_fn(apply, sched, "ddim", 5, 0.0, guidance)  # validates eagerly: build outside jit
+        return np.asarray(jax.jit(lambda p: fn(p, c, u, key, shape))(0.5))
 
     direct = np.asarray(ddim_sample(lambda x, t: apply(0.5, x, t, cond), sched, shape, key, steps=5))
     np.testing.assert_allclose(run(1.0), direct, atol=1e-6)
@@ -238,10 +238,19 @@ def ldm_dir(trained, tmp_path_factory):
     return d
 
 
-def _run(argv, capsys):
-    import sample
+def _sample_module():
+    """sample.py (top level, not a package module) imported from its path."""
+    import importlib.util
 
-    code = sample.main(argv)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample.py")
+    spec = importlib.util.spec_from_file_location("ldm_sample_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(argv, capsys):
+    code = _sample_module().main(argv)
     out = capsys.readouterr()
     return code, out.out, out.err
 

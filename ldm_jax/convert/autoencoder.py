@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from ldm_jax.convert.core import ConversionError, Path, Report, Rule, StateDict, fill_params, leaf_rule, same
 from ldm_jax.models.autoencoder import build_autoencoder
@@ -177,8 +176,3 @@ def convert_autoencoder(state: StateDict, fields: dict[str, Any], fmt: str, repo
     abstract = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
     rule = compvis_rule if fmt == "compvis" else diffusers_rule(len(fields["ch_mult"]), state)
     return fill_params("first stage", abstract, state, rule, ignore, report)
-
-
-def codebook(params: dict) -> np.ndarray | None:
-    """The VQ codebook of converted params, if any."""
-    return params.get("quantize", {}).get("embedding")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,7 +156,11 @@ def load_state_dict(path: str) -> StateDict:
         import torch
     except ImportError as e:
         raise ImportError(f"reading {path} needs PyTorch (pip install torch), or convert it to .safetensors") from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses arbitrary objects: we never unpickle those
+        raise ValueError(f"{path}: holds non-tensor Python objects that are not loaded for safety "
+                         f"({str(e).splitlines()[0]}); use the .safetensors release of this checkpoint") from e
     step = obj.get("global_step") if isinstance(obj, dict) else None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

@@ -174,6 +174,8 @@ def from_compvis(path: str, original_config: str | None = None, num_heads: int |
         notes.append("unet: 8 attention heads assumed (Stable Diffusion v1); --num-heads/--num-head-channels")
     parts.unet = unet_conv.config_from_compvis(unet_state, y.get("unet_config", {}).get("params"), num_heads,
                                                num_head_channels)
+    if parts.unet.get("_num_classes"):  # a class table in the UNet: openaimodel's 'adm'-style conditioning
+        parts.conditioning_key, parts.n_classes = "adm", int(parts.unet["_num_classes"])
     ema = _ema_view(unet_state, state)
     ema_keys = {"model_ema.diffusion_model" + k.replace(".", "") for k in unet_state} if ema else set()
     claimed.update(ema_keys)

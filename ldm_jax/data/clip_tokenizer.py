@@ -57,7 +57,10 @@ def load_clip_tokenizer(path: str | None = None) -> Any:
         names = set(os.listdir(path))
         if not ({"vocab.json", "merges.txt"} <= names or "tokenizer.json" in names):
             raise FileNotFoundError(f"tokenizer directory {path} has no vocab.json + merges.txt or tokenizer.json")
-        return CLIPTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            return CLIPTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # tokenizers raises bare Exceptions for malformed vocab/merges files
+            raise ValueError(f"tokenizer directory {path}: not a CLIP BPE tokenizer ({e})") from e
     if path and not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP tokenizer not found: {path} (a tokenizer directory or {BPE_FILE})")
     path = path or default_bpe_path()

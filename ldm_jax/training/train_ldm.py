@@ -138,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         stop = guard.should_stop()
         if done % tc.ckpt_every == 0 or done == tc.num_steps or stop:
             ckpt.save(done, state, {"config": config.to_dict(), "data": ds.state() | {"step": done}}, force=True)
-            last_ckpt = done
+            last_ckpt = done if not nonfinite.consecutive else last_ckpt  # saved mid-streak: not 'good'
         if stop:
             ckpt.close()
             logging.info("preempted: checkpoint saved at step %d", done)
