@@ -12,6 +12,7 @@ interrupted run resumes with identical files.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -49,7 +50,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
     if config.get("stage") != "ldm":
-        raise ValueError(f"--workdir: {workdir} holds a {config.get('stage')!r} run, not a latent diffusion model")
+        raise ValueError(f"--workdir: {workdir} is not a latent diffusion run (its stage is {config.get('stage')!r})")
     return config
 
 
@@ -81,6 +82,9 @@ def check_sample_args(config: ml_collections.ConfigDict, *, sampler: str = "ddim
     if seed < 0:
         raise ValueError(f"--seed must be >= 0, got {seed}")
     ctype = config.condition.type
+    if guidance != 1.0 and ctype not in ("class", "text"):
+        raise ValueError(f"--guidance applies to class- or text-conditioned models; this one has "
+                         f"condition.type={ctype!r} (leave --guidance at 1)")
     if class_labels:
         if ctype != "class":
             raise ValueError(f"--class_label given but the model is not class-conditional (condition.type={ctype!r})")
@@ -303,6 +307,9 @@ class LoadedLDM:
         Batches are always [kB, (k+1)B) padded to B, so a resumed run repeats the very same computations.
         OUT/sampling.json records the settings; resuming with different ones is refused."""
         check_sample_args(self.config, num_samples=num_samples, batch_size=batch_size, seed=seed, **kwargs)
+        if kwargs.get("guidance", 1.0) != 1.0 and not self.config.condition.get("p_uncond", 0.0):
+            logging.warning("guidance %s: this model was trained without condition dropout (p_uncond 0), so its "
+                            "null condition is untrained", kwargs["guidance"])
         settings = {"workdir": os.path.abspath(self.workdir), "checkpoint_step": self.step, "seed": seed,
                     **{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in kwargs.items()}}
         _check_settings(out_dir, settings)

@@ -53,7 +53,7 @@ def tiny_ldm_config(first_stage_workdir: str, **overrides: Any) -> ml_collection
     c.first_stage.update(workdir=first_stage_workdir, scale_factor=1.0, scale_by_std=False)
     c.condition.update(type="none")
     c.model.update(conditioning_key=None, cond_stage="none")
-    c.model.unet.update(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+    c.model.unet.update(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1,), num_res_blocks=1,
                         attention_resolutions=(), num_heads=-1, num_head_channels=32)
     c.data.update(name="fashion_mnist", resolution=RES, channels=1, preprocess="pad", random_flip=False,
                   num_examples=256, prefetch=0)
@@ -147,12 +147,14 @@ def train_cmd(config_file: str, workdir: str, overrides: dict[str, Any]) -> list
 
 
 def start_train(config_file: str, workdir: str, overrides: dict[str, Any], num_devices: int = 8,
-                cache_dir: str | None = None, log_path: str | None = None) -> subprocess.Popen:
+                cache_dir: str | None = None, log_path: str | None = None,
+                extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """Starts train.py in a child process; its stdout+stderr go to `log_path` (default WORKDIR.log)."""
     log_path = log_path or workdir.rstrip("/") + ".log"
-    log = open(log_path, "w")  # noqa: SIM115 (closed by the child's exit; the parent keeps only the path)
+    log = open(log_path, "w")  # the child holds its own descriptor; the parent keeps only the path
+    env = subprocess_env(num_devices, cache_dir) | (extra_env or {})
     proc = subprocess.Popen(train_cmd(config_file, workdir, overrides), stdout=log, stderr=subprocess.STDOUT,
-                            env=subprocess_env(num_devices, cache_dir), cwd=REPO)
+                            env=env, cwd=REPO)
     proc.log_path = log_path  # type: ignore[attr-defined]
     log.close()
     return proc
@@ -201,6 +203,12 @@ def committed_steps(workdir: str) -> list[int]:
 def logged_train_steps(proc: subprocess.Popen) -> list[int]:
     """Steps whose train metrics the child has logged so far (log_every=1)."""
     return [int(s) for s in re.findall(r"\[(\d+)\] train/", log_text(proc))]
+
+
+def logged_metric(proc: subprocess.Popen, name: str) -> dict[int, float]:
+    """{step: value} of `train/<name>` from the child's metric log lines."""
+    pattern = r"\[(\d+)\] [^\n]*?train/" + re.escape(name) + r"=([-+\d.eE]+|nan|inf)"
+    return {int(k): float(v) for k, v in re.findall(pattern, log_text(proc))}
 
 
 def restore_host(workdir: str, step: int | None = None) -> tuple[Any, dict]:
@@ -276,3 +284,32 @@ def reference_run(root: str) -> ReferenceRun:
     if "reference" not in _jobs:
         _jobs["reference"] = ReferenceRun(root)
     return _jobs["reference"]
+
+
+def adam_mu(opt_state: Any) -> Any:
+    """The first-moment tree of the (only) Adam state in an optimizer state (a NamedTuple, or Orbax's dict)."""
+    is_adam = lambda x: hasattr(x, "mu") or (isinstance(x, dict) and {"count", "mu", "nu"} <= set(x))  # noqa: E731
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(s)]
+    assert len(found) == 1, f"expected one Adam state, found {len(found)}"
+    return found[0].mu if hasattr(found[0], "mu") else found[0]["mu"]
+
+
+def assert_adam_trained_alike(params_a: Any, params_b: Any, opt_a: Any, opt_b: Any, lr: float, steps: int,
+                              tol: float = 1e-5) -> None:
+    """Two runs that should differ only by float rounding (another mesh, another process count), after Adam steps.
+
+    Gradients (Adam's first moments) must agree to `tol` × their largest magnitude, parameters to `tol`. The one
+    exception: elements whose gradient is zero up to rounding, e.g. a conv bias followed by a GroupNorm with one
+    channel per group (the norm cancels it exactly). Adam normalises that rounding noise to ±lr per step, so
+    those may differ by up to 2·lr per step; they cannot affect anything else (their true gradient is 0)."""
+    mu_a, mu_b = jax.tree.leaves(adam_mu(opt_a)), jax.tree.leaves(adam_mu(opt_b))
+    scale = max(float(np.max(np.abs(m))) for m in mu_b)
+    pa, pb = jax.tree.leaves(params_a), jax.tree.leaves(params_b)
+    assert len(pa) == len(pb) == len(mu_a) == len(mu_b)
+    for x, y, ma, mb in zip(pa, pb, mu_a, mu_b, strict=True):
+        ma, mb = np.asarray(ma, np.float64), np.asarray(mb, np.float64)
+        np.testing.assert_allclose(ma, mb, rtol=0, atol=tol * scale, err_msg="gradients (Adam mu) differ")
+        noise = np.abs(mb) <= 1e-4 * scale
+        d = np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))
+        assert not np.any(d[~noise] > tol), f"params differ by {d[~noise].max()} where the gradient is real"
+        assert not np.any(d[noise] > 2 * lr * steps + tol), f"params differ by {d[noise].max()} > 2·lr·steps"

@@ -22,6 +22,16 @@ from ldm_jax.training.checkpoint import Checkpointer
 RES, BATCH, STEPS = 16, 16, 40
 
 
+@pytest.fixture(scope="module", autouse=True)
+def rbg_keys():
+    """rbg PRNG keys for this module: XLA compiles the per-parameter threefry samplers of an init (and the
+    train step's draws) several times slower on CPU (tiny autoencoder init: 77 s -> 16 s here)."""
+    old = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "rbg")
+    yield
+    jax.config.update("jax_default_prng_impl", old)
+
+
 @pytest.fixture(scope="module")
 def ae_dir(tmp_path_factory):
     """A tiny (untrained) KL-f2 stage-1 workdir written as the stage-1 loop writes it: 16×16×1 → 8×8×3."""
@@ -147,7 +157,8 @@ def test_guidance_scale_one_is_the_conditional_prediction(trained):
         fn = make_sample_fn(apply, sched, "ddim", 5, 0.0, guidance)  # validates eagerly: build outside jit
         return np.asarray(jax.jit(lambda p: fn(p, c, u, key, shape))(0.5))
 
-    direct = np.asarray(ddim_sample(lambda x, t: apply(0.5, x, t, cond), sched, shape, key, steps=5))
+    direct = np.asarray(jax.jit(lambda: ddim_sample(lambda x, t: apply(0.5, x, t, cond), sched, shape, key,
+                                                    steps=5))())
     np.testing.assert_allclose(run(1.0), direct, atol=1e-6)
     # The guided 2B-batch path (any scale != 1) at 1 + 1e-7 gives the conditional samples, 0 the unconditional.
     np.testing.assert_allclose(run(1.0 + 1e-7), direct, atol=1e-4)
@@ -190,6 +201,28 @@ def test_inpainting_concat_channels_and_mask(ae_dir):
     np.testing.assert_array_equal(concat[..., -1], mask[:, 1::2, 1::2, 0])  # nearest, half-pixel centres
     model = L.build_model(cfg, fs)  # unet.in_channels 7 = 3 latent + 3 masked-image latents + 1 mask
     assert model.unet_kwargs["in_channels"] == 2 * fs.latent_channels + 1
+
+
+def test_inpainting_samples_keep_known_pixels_and_depend_only_on_their_index(ae_dir):
+    from ldm_jax.inference import LoadedLDM
+
+    cfg = tiny_config(ae_dir, "inpaint")
+    fs = L.load_first_stage(ae_dir)
+    model = L.build_model(cfg, fs)
+    x, t, c = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32), {"concat": jnp.zeros((1, 8, 8, 4))}
+    params = jax.jit(model.init)(jax.random.key(0), x, t, c)["params"]
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)  # non-zero out
+    ldm = LoadedLDM(cfg, model, fs, params, 1.3, L.make_schedule(cfg), 0, ae_dir)
+    a = ldm.sample([2, 3], steps=2, seed=4)
+    b = ldm.sample([3, 2], steps=2, seed=4)
+    np.testing.assert_allclose(a, b[::-1], atol=1e-5)  # sample i is a function of (seed, i), not of its slot
+    images = ldm.conditions(np.asarray([2, 3]))[1]["image"]
+    # Sample i's box comes from fold_in(fold_in(key(seed), i), 1): outside it the test image is kept exactly.
+    masks = np.stack([np.asarray(L.random_box_masks(jax.random.fold_in(jax.random.fold_in(jax.random.key(4), i), 1),
+                                                    1, RES, RES))[0] for i in (2, 3)])
+    assert not np.array_equal(masks[0], masks[1])
+    np.testing.assert_array_equal(a[masks == 0], images[masks == 0])
+    assert np.abs(a - images)[masks == 1].max() > 0.05  # inside: the model's pixels
 
 
 def test_lowres_latent_mode_and_semantic(ae_dir):
@@ -263,6 +296,7 @@ def _run(argv, capsys):
     (["--class_label", "10"], "--class_label must be in [0, 9]"),
     (["--prompt", "a photo of a bag"], "not text-conditioned"),
     (["--size_factor", "0"], "--size_factor"),
+    (["--eta", "0.5", "--sampler", "plms"], "--eta must be 0 for the plms sampler"),
 ])
 def test_sample_py_bad_flags_fail_in_one_line_before_loading(ldm_dir, tmp_path, capsys, monkeypatch, flags, message):
     from ldm_jax import inference

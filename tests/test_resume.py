@@ -20,7 +20,9 @@ import scaleout_utils as su
 from ldm_jax.training.checkpoint import Checkpointer
 
 LONG = dict(su.REF_OVERRIDES, **{"train.num_steps": 1000})  # same training, never reaches its end by itself
-FAKE_TMP = "900.orbax-checkpoint-tmp-1700000000000000"  # what a save cut by kill -9 leaves behind
+# What a save cut short by kill -9 leaves behind (this Orbax names it STEP.orbax-checkpoint-tmp; older ones add a
+# timestamp): never a valid checkpoint, even at a higher step.
+FAKE_TMPS = ("900.orbax-checkpoint-tmp", "950.orbax-checkpoint-tmp-1700000000000000")
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +62,11 @@ def chain(reference, root):
     assert p1.returncode == -signal.SIGKILL
 
     # 2. A half-written checkpoint at a higher step, as a save cut short leaves it.
-    fake = os.path.join(wd, "checkpoints", FAKE_TMP)
-    os.makedirs(os.path.join(fake, "state"))
-    with open(os.path.join(fake, "state", "garbage"), "w") as f:
-        f.write("truncated")
+    for name in FAKE_TMPS:
+        fake = os.path.join(wd, "checkpoints", name)
+        os.makedirs(os.path.join(fake, "state"))
+        with open(os.path.join(fake, "state", "garbage"), "w") as f:
+            f.write("truncated")
     ckpt = Checkpointer(wd, async_save=False)
     info["latest_with_fake"] = ckpt.latest_step()
     ckpt.close()
@@ -91,7 +94,7 @@ def test_half_written_checkpoint_is_never_valid(chain):
     assert after_kill, "kill -9 came before the first committed checkpoint"
     assert chain["latest_with_fake"] == after_kill[-1]
     assert chain["restored_2"] == after_kill[-1]
-    assert 900 not in chain["after_sigterm"]
+    assert not {900, 950} & set(chain["after_sigterm"])
 
 
 def test_sigterm_checkpoints_and_exits_zero(chain):

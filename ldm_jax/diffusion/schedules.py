@@ -74,7 +74,8 @@ class DiffusionSchedule:
             posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
             posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
         )
-        return cls(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in consts.items()},
+        # Cast on the host: a device-side float64 -> float32 convert would cost an XLA compile per constant.
+        return cls(**{k: jnp.asarray(v.astype(np.float32)) for k, v in consts.items()},
                    num_timesteps=int(betas.shape[0]))
 
     @classmethod

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 
 from ldm_jax.evaluation.frechet import FeatureStats, frechet_distance, kernel_inception_distance, precision_recall
 from ldm_jax.evaluation.image_metrics import psnr, ssim
@@ -106,7 +108,10 @@ def distribution_metrics(real: FeatureStats, fake: FeatureStats, extractor: Feat
 
     prefix 'r' names reconstruction metrics (rfd_fmnist / rfid). Precision/recall compare equal-size random
     subsets (their values depend on the set sizes)."""
-    fd = frechet_distance(*real.mean_cov(), *fake.mean_cov())
+    with warnings.catch_warnings():
+        # Dead ReLU units make the covariances singular; frechet_distance handles it (as pytorch-fid) quietly.
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        fd = frechet_distance(*real.mean_cov(), *fake.mean_cov())
     out = {extractor.key(prefix + "fd"): fd}
     r, f = real.reservoir, fake.reservoir
     if min(len(r), len(f)) >= 2:

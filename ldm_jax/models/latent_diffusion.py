@@ -10,6 +10,7 @@ The condition is a dict: "label" (B,) int, "tokens" (B, L) int, "concat" (B, h, 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import flax.linen as nn
@@ -19,7 +20,7 @@ import ml_collections
 
 from ldm_jax.models.clip import CLIPTextTransformer, clip_kwargs
 from ldm_jax.models.conditioning import ClassEmbedder, SpatialRescaler, TransformerEmbedder
-from ldm_jax.models.unet import UNetModel
+from ldm_jax.models.unet import UNetModel, validate_unet_config
 
 CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid", "adm")
 COND_STAGES = ("none", "class", "text", "clip")
@@ -116,6 +117,12 @@ def build_latent_diffusion(cfg: ml_collections.ConfigDict, latent_channels: int)
         num_classes=cfg.n_classes if key == "adm" else None,
         remat_policy=u.get("remat_policy") or None, attention_impl=u.get("attention_impl") or None,
     )
+    try:  # the UNet checks these again in setup(), i.e. inside a trace: fail here, eagerly, naming the section
+        fields = inspect.signature(validate_unet_config).parameters
+        validate_unet_config(**{k: v for k, v in unet_kwargs.items() if k in fields},
+                             dtype=jnp.dtype(cfg.get("dtype", "float32")))
+    except ValueError as e:
+        raise ValueError(f"model.unet: {e}") from None
     return LatentDiffusionModel(
         unet_kwargs=unet_kwargs, conditioning_key=key, cond_stage=cond_stage, n_classes=cfg.get("n_classes", 0),
         context_dim=cfg.get("context_dim", 512), vocab_size=cfg.get("vocab_size", 0),

@@ -132,8 +132,9 @@ class PreemptionGuard:
 class NonFiniteTracker:
     """Counts consecutive skipped (non-finite) updates and stops the run after `max_consecutive`."""
 
-    def __init__(self, max_consecutive: int):
+    def __init__(self, max_consecutive: int, on_abort: Any = None):
         self.max_consecutive = max_consecutive
+        self.on_abort = on_abort  # e.g. Checkpointer.wait: finish pending async saves before raising
         self.consecutive = 0
         self.total = 0
 
@@ -144,6 +145,8 @@ class NonFiniteTracker:
             logging.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)", step,
                             self.consecutive)
         if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            if self.on_abort is not None:
+                self.on_abort()
             raise FloatingPointError(
                 f"{self.consecutive} consecutive non-finite updates up to step {step}; last good checkpoint: "
                 f"{last_good_ckpt if last_good_ckpt is not None else 'none'} (train.max_nonfinite_steps)"

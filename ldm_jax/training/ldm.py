@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ import numpy as np
 import optax
 
 from ldm_jax.diffusion import DiffusionSchedule, diffusion_loss
+from ldm_jax.diffusion.samplers import get_sampler
 from ldm_jax.models.autoencoder import build_autoencoder
 from ldm_jax.models.latent_diffusion import LatentDiffusionModel, build_latent_diffusion
 from ldm_jax.training.checkpoint import Checkpointer
@@ -82,10 +84,26 @@ def make_schedule(cfg: ml_collections.ConfigDict) -> DiffusionSchedule:
                                     d.get("cosine_s", 8e-3))
 
 
+def check_sampling(cfg: ml_collections.ConfigDict) -> None:
+    """Validates the `sampling` section (used only after training) up front: sampler, steps, guidance, eta."""
+    sc, num_timesteps = cfg.sampling, cfg.diffusion.num_timesteps
+    get_sampler(sc.sampler)
+    if sc.sampler != "ddpm" and not 1 <= sc.steps <= num_timesteps:
+        raise ValueError(f"sampling.steps must be in [1, {num_timesteps}], got {sc.steps}")
+    if not (sc.guidance >= 0 and math.isfinite(sc.guidance)):
+        raise ValueError(f"sampling.guidance must be a finite number >= 0, got {sc.guidance}")
+    if not sc.eta >= 0:
+        raise ValueError(f"sampling.eta must be >= 0, got {sc.eta}")
+    if sc.sampler == "plms" and sc.eta != 0:
+        raise ValueError(f"sampling.eta must be 0 for the plms sampler, got {sc.eta}")
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """AdamW (weight decay 0.01, torch's default the reference used) with linear warm-up; optional accumulation."""
     tc = cfg.train
-    lr = optax.warmup_constant_schedule(0.0, scaled_lr(tc), max(1, tc.get("warmup_steps", 0)))
+    warmup = tc.get("warmup_steps", 0)
+    # No warm-up means the full rate from the first update (a 1-step warm-up would make that update lr 0).
+    lr = optax.warmup_constant_schedule(0.0, scaled_lr(tc), warmup) if warmup > 0 else scaled_lr(tc)
     tx = optax.adamw(lr, weight_decay=tc.get("weight_decay", 0.01))
     if tc.get("grad_clip", 0.0):
         tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip), tx)

@@ -100,7 +100,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return compiled[use_disc]
 
     guard = common.PreemptionGuard()
-    nonfinite = common.NonFiniteTracker(tc.get("max_nonfinite_steps", 20))
+    nonfinite = common.NonFiniteTracker(tc.get("max_nonfinite_steps", 20), on_abort=ckpt.wait)
     start = int(state.step)
     disc_on = config.loss.disc_weight > 0 and config.loss.disc_factor > 0
     pending: list[dict] = []

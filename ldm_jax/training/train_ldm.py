@@ -71,6 +71,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.condition.type == "text":
         _, token_table, null_tokens = setup_text(config, workdir)
     model = L.build_model(config, fs)
+    L.check_sampling(config)  # used after training: fail now, not hours later
     sched = L.make_schedule(config)
     tx = L.make_optimizer(config)
     ds = make_dataset(config.data, "train", tc.batch_size, config.seed, jax.process_index(), jax.process_count())
@@ -121,7 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.write_scalars(int(state.step), {f"compile/{k}": v for k, v in report.items()})
 
     guard = common.PreemptionGuard()
-    nonfinite = common.NonFiniteTracker(tc.get("max_nonfinite_steps", 20))
+    nonfinite = common.NonFiniteTracker(tc.get("max_nonfinite_steps", 20), on_abort=ckpt.wait)
     pending: list[dict] = []
     last_ckpt = ckpt.latest_step()
     for step in range(int(state.step), tc.num_steps):

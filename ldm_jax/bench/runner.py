@@ -1,0 +1,318 @@
+"""Orchestrator of `python -m ldm_jax.bench`: starts one worker per side, interleaves their repetitions, reports.
+
+Method: per case every side is set up (compiled) first, then warmed up once, then timed `reps` times with the
+sides interleaved (A B C, B C A, ...); the median is reported with the ratio ours/peer (< 1: ours is faster).
+FLOPs come from XLA's cost analysis of our compiled step (the same network on every side); MFU divides the
+achieved FLOP/s by the machine's dense matmul rate measured in the same run (float32 on CPU, bf16 on GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+from ldm_jax.bench import spec
+from ldm_jax.bench.protocol import Worker
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# XLA CPU: YNNPACK's convolution fusion computes weight gradients ~4x slower than XLA's Eigen convolution
+# on AVX2 (measured, docs/benchmarks.md), so ours and the Flax peer both run with it switched off.
+CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+DEFAULT_FLAX_PYTHON = "/work/venv_peer/bin/python"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ldm_jax.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--json", help="write the results here (JSON)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, 1 warm-up + 2 reps (CI smoke test)")
+    p.add_argument("--gpu", action="store_true", help="GPU mode: bf16 compute, attention_impl='cudnn'")
+    p.add_argument("--reps", type=int, help="timed repetitions per case (default 5; --quick: 2)")
+    p.add_argument("--cases", help="comma-separated subset of case names")
+    p.add_argument("--sides", default="ours,torch,flax", help="comma-separated subset of ours,torch,flax")
+    p.add_argument("--flax-python", default=os.environ.get("LDM_BENCH_FLAX_PYTHON", DEFAULT_FLAX_PYTHON),
+                   help="interpreter of the venv with diffusers 0.39 + jax (Flax peer)")
+    p.add_argument("--xla-flags", default=None, help=f"XLA_FLAGS of the JAX workers (CPU default: {CPU_XLA_FLAGS})")
+    p.add_argument("--torch-omp-default", action="store_true",
+                   help="leave torch's OpenMP spin-waiting on (default: OMP_WAIT_POLICY=PASSIVE, see docs)")
+    p.add_argument("--no-weight-check", action="store_true", help="skip loading the torch peer's weights into ours")
+    p.add_argument("--log-dir", help="keep the workers' logs here (default: a temporary folder)")
+    args = p.parse_args(argv)
+    if args.reps is not None and args.reps < 1:
+        p.error("--reps must be >= 1")
+    return args
+
+
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def start_workers(args: argparse.Namespace, log_dir: str) -> dict[str, Worker | str]:
+    """One worker per requested side; a side that cannot start maps to the reason (a string)."""
+    base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    base["PYTHONPATH"] = REPO + os.pathsep + base.get("PYTHONPATH", "")
+    base.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    base["HF_HUB_OFFLINE"] = "1"
+    if args.gpu:
+        base["LDM_BENCH_GPU"] = "1"
+    xla = args.xla_flags if args.xla_flags is not None else ("" if args.gpu else CPU_XLA_FLAGS)
+    jax_env = dict(base, XLA_FLAGS=xla) if xla else dict(base)
+    if not args.gpu:
+        jax_env["JAX_PLATFORMS"] = "cpu"
+    torch_env = dict(base)
+    if not args.torch_omp_default:
+        torch_env["OMP_WAIT_POLICY"] = "PASSIVE"
+    plan = {
+        "ours": ([sys.executable, "-m", "ldm_jax.bench.ours"], jax_env),
+        "torch": ([sys.executable, "-m", "ldm_jax.bench.torch_peer"], torch_env),
+        "flax": ([args.flax_python, "-m", "ldm_jax.bench.flax_peer"], jax_env),
+    }
+    wanted = [s.strip() for s in args.sides.split(",") if s.strip()]
+    out: dict[str, Worker | str] = {}
+    for side in spec.SIDES:
+        if side not in wanted:
+            out[side] = "not requested (--sides)"
+            continue
+        cmd, env = plan[side]
+        if not shutil.which(cmd[0]) and not os.path.exists(cmd[0]):
+            out[side] = f"interpreter {cmd[0]} not found"
+            continue
+        w = Worker(side, cmd, env, os.path.join(log_dir, f"{side}.log"), cwd=REPO)
+        out[side] = w if w.ok else f"cannot start: {w.error}"
+        print(f"[bench] {side}: " + (json.dumps(w.info) if w.ok else out[side]), flush=True)
+    return out
+
+
+def export_weights(torch_worker: Worker, case: dict[str, Any], folder: str, done: dict[str, str | None]) -> str | None:
+    """Have the torch peer write its weights for this network (once per network); the path, or None."""
+    net = case.get("unet") or case.get("ae")
+    key = json.dumps([net, case.get("in_channels"), case["size"], "unet" in case], sort_keys=True)
+    if key not in done:
+        path = os.path.join(folder, f"net{len(done)}.npz")
+        r = torch_worker.call("call", method="export_weights", kwargs={"case": case, "path": path})
+        done[key] = path if r.get("ok") else None
+        if not r.get("ok"):
+            print(f"[bench] weight export failed: {r.get('error')}", flush=True)
+    return done[key]
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def run_case(case: dict[str, Any], workers: dict[str, Worker], reps: int, warmup: int) -> dict[str, Any]:
+    """Set up every side, warm up, then time `reps` interleaved rounds."""
+    res: dict[str, Any] = {}
+    live = []
+    for side in case["sides"]:
+        w = workers.get(side)
+        if not isinstance(w, Worker):
+            res[side] = {"status": "absent", "reason": w or "not started"}
+            continue
+        r = w.call("setup", case=case)
+        if not r.pop("ok", False):
+            res[side] = {"status": "error", "reason": r.get("error")}
+            continue
+        res[side] = {"status": "ok", **r, "times_s": [], "cpu_s": []}
+        live.append(side)
+    for i in range(warmup + reps):
+        k = i % max(len(live), 1)
+        for side in live[k:] + live[:k]:  # rotate the order so no side always runs first
+            if res[side]["status"] != "ok":
+                continue
+            r = workers[side].call("run", name=case["name"])
+            if not r.get("ok"):
+                res[side].update(status="error", reason=r.get("error"))
+            elif i < warmup:
+                res[side]["first_run_s"] = r["wall_s"]
+            else:
+                res[side]["times_s"].append(r["wall_s"])
+                res[side]["cpu_s"].append(r["cpu_s"])
+    for side in live:
+        peak = workers[side].call("peak")
+        if peak.get("ok"):
+            res[side]["peak_rss_gib"] = peak["peak_rss_gib"]
+        td = workers[side].call("teardown", name=case["name"])
+        if td.get("gpu_peak_gib") is not None:
+            res[side]["gpu_peak_gib"] = td["gpu_peak_gib"]
+        res[side]["median_s"] = _median(res[side]["times_s"])
+        res[side]["cpu_median_s"] = _median(res[side]["cpu_s"])
+    return res
+
+
+def summarise(case: dict[str, Any], res: dict[str, Any], peak_gflops: float | None) -> dict[str, Any]:
+    """Ratios ours/peer and MFU (FLOPs of our compiled step for every side: the same network)."""
+    ours = res.get("ours", {})
+    flops = ours.get("gflop")
+    out = {"about": case["about"], "shapes": {k: case[k] for k in ("batch", "size") if k in case},
+           "sides": res, "ratio_ours_over": {}}
+    for k in ("in_channels", "steps", "guidance"):
+        if k in case:
+            out["shapes"][k] = case[k]
+    for r in res.values():
+        if r.get("median_s") and flops:
+            r["achieved_gflops"] = flops / r["median_s"]
+            if peak_gflops:
+                r["mfu"] = r["achieved_gflops"] / peak_gflops
+    peers = [s for s in res if s != "ours" and res[s].get("median_s")]
+    if ours.get("median_s"):
+        for s in peers:
+            out["ratio_ours_over"][s] = ours["median_s"] / res[s]["median_s"]
+        if peers:
+            fastest = min(peers, key=lambda s: res[s]["median_s"])
+            out["fastest_peer"] = fastest
+            out["speedup_vs_fastest_peer"] = res[fastest]["median_s"] / ours["median_s"]
+    return out
+
+
+def _fmt(x: Any, nd: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}g}" if abs(x) < 1000 else f"{x:.0f}"
+    return str(x)
+
+
+def table(results: dict[str, Any]) -> str:
+    """Markdown table of the cases (also printed)."""
+    head = ("| case | side | median s | min s | ours/side | compile s | first run s | GFLOP | GFLOP/s | MFU | "
+            "peak RSS GiB | XLA mem GiB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, c in results["cases"].items():
+        for side, r in c["sides"].items():
+            if r.get("status") != "ok":
+                lines.append(f"| {name} | {side} | {r.get('status')}: {str(r.get('reason'))[:80]} |"
+                             + " |" * 9)
+                continue
+            ratio = c["ratio_ours_over"].get(side) if side != "ours" else None
+            mfu = r.get("mfu")
+            lines.append(
+                f"| {name} | {side} | {_fmt(r.get('median_s'))} | {_fmt(min(r['times_s']) if r['times_s'] else None)}"
+                f" | {_fmt(ratio)} | {_fmt(r.get('compile_s'))} | {_fmt(r.get('first_run_s'))} | "
+                f"{_fmt(r.get('gflop'), 4)} | {_fmt(r.get('achieved_gflops'))} | "
+                f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {_fmt(r.get('peak_rss_gib'))} | "
+                f"{_fmt(r.get('xla_memory_gib'))} |")
+    return "\n".join(lines)
+
+
+def targets(results: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, each with the measured value and whether it was reached."""
+    cs, out = results["cases"], {}
+    for name in ("unet_train", "ddim_cfg"):
+        sp = cs.get(name, {}).get("speedup_vs_fastest_peer")
+        out[f"{name}: ours >= 1.2x faster than the faster peer"] = {
+            "value": sp, "reached": None if sp is None else sp >= 1.2}
+    mfu = cs.get("unet_train", {}).get("sides", {}).get("ours", {}).get("mfu")
+    out["unet_train: ours MFU >= 40%"] = {"value": mfu, "reached": None if mfu is None else mfu >= 0.4}
+    sp = results.get("ldm4_vs_ldm1", {}).get("speedup")
+    out["LDM-4 >= 4x faster than LDM-1"] = {"value": sp, "reached": None if sp is None else sp >= 4.0}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.time()
+    cases = spec.make_cases(args.quick)
+    if args.cases:
+        keep = {c.strip() for c in args.cases.split(",")}
+        unknown = keep - {c["name"] for c in cases}
+        if unknown:
+            raise SystemExit(f"--cases: unknown case(s) {sorted(unknown)}; known: {[c['name'] for c in cases]}")
+        cases = [c for c in cases if c["name"] in keep]
+    reps = args.reps or (2 if args.quick else 5)
+    log_dir = args.log_dir or tempfile.mkdtemp(prefix="ldm_bench_")
+    os.makedirs(log_dir, exist_ok=True)
+    load_before = _load()
+    workers = start_workers(args, log_dir)
+    live = {k: v for k, v in workers.items() if isinstance(v, Worker)}
+    results: dict[str, Any] = {
+        "meta": {"mode": "quick" if args.quick else "full", "gpu": args.gpu, "reps": reps, "warmup": 1,
+                 "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+                             "python": platform.python_version()},
+                 "load_avg_before": load_before, "xla_flags_jax_workers": (
+                     args.xla_flags if args.xla_flags is not None else ("" if args.gpu else CPU_XLA_FLAGS)),
+                 "torch_env": "default" if args.torch_omp_default else "OMP_WAIT_POLICY=PASSIVE",
+                 "sides": {k: (v.info if isinstance(v, Worker) else {"absent": v}) for k, v in workers.items()},
+                 "log_dir": log_dir},
+        "cases": {},
+    }
+    try:
+        n, mreps = (512, 3) if args.quick else (2048, 5)
+        rates = {}
+        for side in ("ours", "torch"):
+            if side in live:
+                r = live[side].call("matmul", n=n, reps=mreps)
+                if r.get("ok"):
+                    rates[side] = r["gflops"]
+        peak = max(rates.values()) if rates else None
+        results["peak_matmul_gflops"] = {**rates, "used": peak, "n": n,
+                                         "dtype": "bfloat16" if args.gpu else "float32"}
+        print(f"[bench] dense matmul {n}^3: {json.dumps(rates)} GFLOP/s", flush=True)
+        weights_dir, exported = tempfile.mkdtemp(prefix="ldm_bench_w_"), {}
+        for case in cases:
+            case["gpu"] = args.gpu
+            if not args.no_weight_check and "torch" in live and {"ours", "torch"} <= set(case["sides"]):
+                case["weights"] = export_weights(live["torch"], case, weights_dir, exported)
+            t0 = time.time()
+            print(f"[bench] {case['name']}: {case['about']}", flush=True)
+            res = run_case(case, live, reps, warmup=1)
+            results["cases"][case["name"]] = summarise(case, res, peak)
+            results["cases"][case["name"]]["case_wall_s"] = time.time() - t0
+            for side, r in res.items():
+                print(f"[bench]   {side}: " + (f"median {r['median_s']:.4g} s, compile {_fmt(r.get('compile_s'))} s"
+                                               if r.get("median_s") else f"{r.get('status')}: {r.get('reason')}"),
+                      flush=True)
+        shutil.rmtree(weights_dir, ignore_errors=True)
+        c4, c1 = results["cases"].get("ldm4_train"), results["cases"].get("ldm1_train")
+        if c4 and c1:
+            t4, t1 = c4["sides"]["ours"].get("median_s"), c1["sides"]["ours"].get("median_s")
+            if t4 and t1:
+                results["ldm4_vs_ldm1"] = {"speedup": t1 / t4, "ldm4_median_s": t4, "ldm1_median_s": t1,
+                                           "batch": spec.make_cases(args.quick)[-1]["batch"]}
+        # Re-measure the matmul rate at the end: the machine may have been busier or quieter than at the start.
+        for side in ("ours", "torch"):
+            if side in live:
+                r = live[side].call("matmul", n=n, reps=mreps)
+                if r.get("ok"):
+                    results["peak_matmul_gflops"][side + "_end"] = r["gflops"]
+    finally:
+        for w in live.values():
+            w.close()
+    results["targets"] = targets(results)
+    results["meta"]["load_avg_after"] = _load()
+    results["meta"]["wall_s"] = time.time() - t_start
+    print("\n" + table(results))
+    if "ldm4_vs_ldm1" in results:
+        print(f"\nLDM-4 vs LDM-1 (same UNet, batch {results['ldm4_vs_ldm1']['batch']}): "
+              f"{results['ldm4_vs_ldm1']['speedup']:.2f}x faster per step")
+    print("\nTargets:")
+    for k, v in results["targets"].items():
+        verdict = {True: "reached", False: "NOT reached", None: "n/a"}[v["reached"]]
+        print(f"  {k}: {_fmt(v['value'])} -> {verdict}")
+    print(f"\nwall {results['meta']['wall_s']:.0f} s, load average before {load_before} after {_load()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"[bench] wrote {args.json}")
+    return 0
