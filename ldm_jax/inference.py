@@ -3,10 +3,10 @@
     ldm = LoadedLDM.load("runs/ldm")
     images = ldm.sample(range(16), sampler="ddim", steps=50, guidance=3.0, class_labels=[7])
 
-Sample i is a pure function of (seed, i): its starting noise, sampler noise and inpainting mask come from keys
-folded from (seed, i), and the network runs on it alone (vmapped), so a sample does not depend on which
-batch it was drawn in. `sample_to_dir` writes OUT/000000.png ... and skips files already there, so an
-interrupted run resumes with identical files.
+Sample i is a pure function of (seed, i): its starting noise, sampler noise and inpainting mask come from
+threefry keys folded from (seed, i), and the network runs on it alone (vmapped), so a sample does not depend
+on which batch it was drawn in (up to float rounding of batched kernels). `sample_to_dir` writes
+OUT/000000.png ... and skips files already there, so an interrupted run resumes with identical files.
 """
 
 from __future__ import annotations
@@ -264,7 +264,9 @@ class LoadedLDM:
 
         @jax.jit
         def generate(params, fs_vars, cond, spatial, indices, seed):
-            base = jax.random.key(seed)
+            # threefry whatever the default: its keys are exact under vmap (rbg's are not), so sample i
+            # does not depend on its batch.
+            base = jax.random.key(seed, impl="threefry2x32")
             keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
             sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
             mask = None

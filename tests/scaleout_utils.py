@@ -212,12 +212,13 @@ def logged_metric(proc: subprocess.Popen, name: str) -> dict[int, float]:
 
 
 def restore_host(workdir: str, step: int | None = None) -> tuple[Any, dict]:
-    """The raw (numpy) state + meta of a workdir's checkpoint."""
+    """The state (numpy) + meta of a workdir's checkpoint, whatever topology wrote it."""
     from ldm_jax.training.checkpoint import Checkpointer
 
     ckpt = Checkpointer(workdir, async_save=False)
     try:
-        return ckpt.restore_raw(step)
+        state, meta = ckpt.restore_raw(step)
+        return jax.tree.map(np.asarray, state), meta
     finally:
         ckpt.close()
 
@@ -247,7 +248,7 @@ def max_abs_diff(a: Any, b: Any) -> float:
 TINY_AE = os.path.join(REPO, "tests", "tiny_config.py") + ":ae"
 REF_STEPS = 16
 # fsdp-sharded on 8 devices: checkpoints hold sharded arrays; the multi-host run uses the same mesh.
-REF_OVERRIDES = {"train.num_steps": REF_STEPS, "mesh.data": 2, "mesh.fsdp": 4}
+REF_OVERRIDES = {"train.num_steps": REF_STEPS, "train.ckpt_every": 4, "mesh.data": 2, "mesh.fsdp": 4}
 _jobs: dict[str, Any] = {}
 
 
@@ -296,20 +297,28 @@ def adam_mu(opt_state: Any) -> Any:
 
 def assert_adam_trained_alike(params_a: Any, params_b: Any, opt_a: Any, opt_b: Any, lr: float, steps: int,
                               tol: float = 1e-5) -> None:
-    """Two runs that should differ only by float rounding (another mesh, another process count), after Adam steps.
-
-    Gradients (Adam's first moments) must agree to `tol` × their largest magnitude, parameters to `tol`. The one
-    exception: elements whose gradient is zero up to rounding, e.g. a conv bias followed by a GroupNorm with one
-    channel per group (the norm cancels it exactly). Adam normalises that rounding noise to ±lr per step, so
-    those may differ by up to 2·lr per step; they cannot affect anything else (their true gradient is 0)."""
+    """Two runs that should differ only by float rounding (another mesh, another process count), after Adam steps:
+    gradients (Adam's first moments) agree to `tol` × their largest magnitude, parameters as `assert_params_close`."""
     mu_a, mu_b = jax.tree.leaves(adam_mu(opt_a)), jax.tree.leaves(adam_mu(opt_b))
     scale = max(float(np.max(np.abs(m))) for m in mu_b)
+    for ma, mb in zip(mu_a, mu_b, strict=True):
+        np.testing.assert_allclose(np.asarray(ma, np.float64), np.asarray(mb, np.float64), rtol=0, atol=tol * scale,
+                                   err_msg="gradients (Adam mu) differ")
+    assert_params_close(params_a, params_b, adam_mu(opt_b), lr, steps, tol)
+
+
+def assert_params_close(params_a: Any, params_b: Any, grads: Any, lr: float, steps: int, tol: float = 1e-5) -> None:
+    """Parameters after `steps` Adam updates agree to `tol`, except where the gradient is zero up to rounding.
+
+    Those elements (e.g. a conv bias followed by a GroupNorm with one channel per group, which cancels it exactly)
+    get Adam-normalised rounding noise, ±lr per step, so may differ by up to 2·lr·steps; having no true gradient,
+    they cannot affect anything else."""
+    g = jax.tree.leaves(grads)
+    scale = max(float(np.max(np.abs(x))) for x in g)
     pa, pb = jax.tree.leaves(params_a), jax.tree.leaves(params_b)
-    assert len(pa) == len(pb) == len(mu_a) == len(mu_b)
-    for x, y, ma, mb in zip(pa, pb, mu_a, mu_b, strict=True):
-        ma, mb = np.asarray(ma, np.float64), np.asarray(mb, np.float64)
-        np.testing.assert_allclose(ma, mb, rtol=0, atol=tol * scale, err_msg="gradients (Adam mu) differ")
-        noise = np.abs(mb) <= 1e-4 * scale
+    assert len(pa) == len(pb) == len(g)
+    for x, y, gr in zip(pa, pb, g, strict=True):
+        noise = np.abs(np.asarray(gr, np.float64)) <= 1e-4 * scale
         d = np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))
         assert not np.any(d[~noise] > tol), f"params differ by {d[~noise].max()} where the gradient is real"
         assert not np.any(d[noise] > 2 * lr * steps + tol), f"params differ by {d[noise].max()} > 2·lr·steps"

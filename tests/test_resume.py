@@ -42,7 +42,21 @@ def _max_logged(proc) -> int:
 
 
 @pytest.fixture(scope="module")
-def chain(reference, root):
+def nonfinite(reference, root):
+    """base_lr=1e30: step 0 is finite and throws the weights to ~1e31, every later step overflows (started now,
+    awaited by its test, so it overlaps the chain below)."""
+    wd = os.path.join(root, "nonfinite")
+    overrides = dict(su.REF_OVERRIDES, **{"train.num_steps": 50, "train.base_lr": 1e30, "train.ckpt_every": 1,
+                                         "train.max_nonfinite_steps": 3})
+    proc = su.start_train(su.TINY_AE, wd, overrides, 8, reference.cache_dir)
+    yield proc, wd
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def chain(reference, nonfinite, root):  # `nonfinite` only to start it early
     """kill -9 at a random moment → restart (a half-written checkpoint planted) → SIGTERM → restart to the end."""
     wd = os.path.join(root, "chain")
     info = {"workdir": wd}
@@ -54,7 +68,7 @@ def chain(reference, root):
     delay = random.uniform(0.0, 1.5)
     deadline = time.time() + delay
     # Capped so the SIGTERM leg below still ends before REF_STEPS.
-    su.wait_for(lambda: time.time() > deadline or _max_logged(p1) >= 7, 120, p1)
+    su.wait_for(lambda: time.time() > deadline or _max_logged(p1) >= 9, 120, p1)
     p1.send_signal(signal.SIGKILL)
     p1.wait()
     info.update(kill_delay=delay, killed_after_step=_max_logged(p1), after_kill=su.committed_steps(wd))
@@ -125,16 +139,12 @@ def test_kill9_and_sigterm_resume_is_bit_identical(chain, reference):
     assert su.read_metrics(chain["workdir"]) == su.read_metrics(ref_wd)
 
 
-def test_nonfinite_streak_stops_with_last_good_checkpoint(root, reference):
-    """base_lr=1e30: step 0 is finite and throws the weights to ~1e31, every later step overflows."""
-    wd = os.path.join(root, "nonfinite")
-    reference.wait_compiled()  # shares the init program
-    overrides = dict(su.REF_OVERRIDES, **{"train.num_steps": 50, "train.base_lr": 1e30, "train.ckpt_every": 1,
-                                         "train.max_nonfinite_steps": 3})
-    proc = su.start_train(su.TINY_AE, wd, overrides, 8, reference.cache_dir)
+def test_nonfinite_streak_stops_with_last_good_checkpoint(nonfinite):
+    proc, wd = nonfinite
     rc = su.wait(proc, 600)
     log = su.log_text(proc)
     assert rc != 0
+    assert "cannot schedule new futures" not in log  # pending async saves were finished before raising
     m = re.search(r"FloatingPointError: (\d+) consecutive non-finite updates up to step (\d+); "
                   r"last good checkpoint: (\w+) \(train.max_nonfinite_steps\)", log)
     assert m, log[-3000:]

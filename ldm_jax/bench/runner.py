@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sides", default="ours,torch,flax", help="comma-separated subset of ours,torch,flax")
     p.add_argument("--flax-python", default=os.environ.get("LDM_BENCH_FLAX_PYTHON", DEFAULT_FLAX_PYTHON),
                    help="interpreter of the venv with diffusers 0.39 + jax (Flax peer)")
+    p.add_argument("--attention-impl", default=None,
+                   help="ours' attention_impl (default: 'matmul' on CPU, 'cudnn' with --gpu; 'none' = None)")
     p.add_argument("--xla-flags", default=None, help=f"XLA_FLAGS of the JAX workers (CPU default: {CPU_XLA_FLAGS})")
     p.add_argument("--torch-omp-default", action="store_true",
                    help="leave torch's OpenMP spin-waiting on (default: OMP_WAIT_POLICY=PASSIVE, see docs)")
@@ -241,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--cases: unknown case(s) {sorted(unknown)}; known: {[c['name'] for c in cases]}")
         cases = [c for c in cases if c["name"] in keep]
     reps = args.reps or (2 if args.quick else 5)
+    impl = args.attention_impl or ("cudnn" if args.gpu else "matmul")
+    impl = None if impl == "none" else impl
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="ldm_bench_")
     os.makedirs(log_dir, exist_ok=True)
     load_before = _load()
@@ -252,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                              "python": platform.python_version()},
                  "load_avg_before": load_before, "xla_flags_jax_workers": (
                      args.xla_flags if args.xla_flags is not None else ("" if args.gpu else CPU_XLA_FLAGS)),
+                 "ours_attention_impl": impl,
                  "torch_env": "default" if args.torch_omp_default else "OMP_WAIT_POLICY=PASSIVE",
                  "sides": {k: (v.info if isinstance(v, Worker) else {"absent": v}) for k, v in workers.items()},
                  "log_dir": log_dir},
@@ -272,11 +277,15 @@ def main(argv: list[str] | None = None) -> int:
         weights_dir, exported = tempfile.mkdtemp(prefix="ldm_bench_w_"), {}
         for case in cases:
             case["gpu"] = args.gpu
+            case["attention_impl"] = impl
             if not args.no_weight_check and "torch" in live and {"ours", "torch"} <= set(case["sides"]):
                 case["weights"] = export_weights(live["torch"], case, weights_dir, exported)
             t0 = time.time()
             print(f"[bench] {case['name']}: {case['about']}", flush=True)
-            res = run_case(case, live, reps, warmup=1)
+            if case.get("same_as") in results["cases"]:  # identical shapes: reuse, do not re-measure
+                res = {s: results["cases"][case["same_as"]]["sides"][s] for s in case["sides"]}
+            else:
+                res = run_case(case, live, reps, warmup=1)
             results["cases"][case["name"]] = summarise(case, res, peak)
             results["cases"][case["name"]]["case_wall_s"] = time.time() - t0
             for side, r in res.items():

@@ -1,7 +1,7 @@
 """Evaluation pipelines over callables: reconstruction metrics (stage 1) and sample-quality metrics (stage 2)
 from streamed features, plus the conditional accuracy of class-conditional samples.
 
-Knows no training code: the caller supplies a jittable `reconstruct(images)` or a `generate(indices)`
+Knows no training code: the caller supplies a jittable `reconstruct(params, images)` or a `generate(indices)`
 (ldm_jax/evaluate_workdir.py wires them to trained workdirs). Images are NHWC float32 in [-1, 1]; features
 are accumulated batch by batch in `FeatureStats` (mean/covariance sums + a bounded random reservoir for KID
 and precision/recall), so no image set is ever held in memory.

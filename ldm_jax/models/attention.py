@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models.fast_ops import dense_cls, matmul_attention
+
 Dtype = Any
 
 
@@ -21,7 +23,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, impl: str 
     """Softmax attention on (B, L, heads, d) via jax.nn.dot_product_attention(implementation=impl).
 
     For "cudnn", lengths that are not multiples of 64 (77 text tokens, 16 pixels) are padded and masked.
+    "matmul" is the same computation with a hand-written VJP that XLA:CPU runs faster (models/fast_ops.py).
     """
+    if impl == "matmul":
+        return matmul_attention(q, k, v, scale)
     if impl == "cudnn" and (q.shape[1] % _CUDNN_BLOCK or k.shape[1] % _CUDNN_BLOCK):
         return padded_attention(q, k, v, scale, impl)
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
@@ -50,7 +55,8 @@ class CrossAttention(nn.Module):
 
     q/k/v projections have no bias, the output projection has one, the scale is dim_head**-0.5.
     `attention_impl` goes to `jax.nn.dot_product_attention(implementation=...)`: None/"xla", or "cudnn" on GPU
-    (cudnn needs float16/bfloat16 compute; other lengths than multiples of 64 are padded and masked).
+    (cudnn needs float16/bfloat16 compute; other lengths than multiples of 64 are padded and masked), or
+    "matmul" (hand-written VJPs for the attention and the Dense layers: faster training on CPU).
     """
 
     query_dim: int
@@ -68,7 +74,8 @@ class CrossAttention(nn.Module):
         if context.shape[-1] != want:
             raise ValueError(f"context_dim is {want} but the context (or x, if none) has {context.shape[-1]} features")
         inner = self.heads * self.dim_head
-        dense = lambda name, feats, bias: nn.Dense(feats, use_bias=bias, dtype=self.dtype, name=name)
+        dense = lambda name, feats, bias: dense_cls(self.attention_impl)(feats, use_bias=bias, dtype=self.dtype,
+                                                                         name=name)
         q = dense("to_q", inner, False)(x)
         k = dense("to_k", inner, False)(context)
         v = dense("to_v", inner, False)(context)
@@ -83,10 +90,11 @@ class GEGLU(nn.Module):
 
     dim_out: int
     dtype: Dtype = jnp.float32
+    attention_impl: str | None = None  # "matmul": FastDense (same params and forward)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.Dense(2 * self.dim_out, dtype=self.dtype, name="proj")(x)
+        h = dense_cls(self.attention_impl)(2 * self.dim_out, dtype=self.dtype, name="proj")(x)
         value, gate = jnp.split(h, 2, axis=-1)
         return value * jax.nn.gelu(gate, approximate=False)
 
@@ -98,11 +106,12 @@ class FeedForward(nn.Module):
     dim_out: int | None = None
     mult: int = 4
     dtype: Dtype = jnp.float32
+    attention_impl: str | None = None  # "matmul": FastDense (same params and forward)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = GEGLU(self.dim * self.mult, dtype=self.dtype, name="geglu")(x)
-        return nn.Dense(self.dim_out or self.dim, dtype=self.dtype, name="out")(h)
+        h = GEGLU(self.dim * self.mult, dtype=self.dtype, attention_impl=self.attention_impl, name="geglu")(x)
+        return dense_cls(self.attention_impl)(self.dim_out or self.dim, dtype=self.dtype, name="out")(h)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -123,7 +132,8 @@ class BasicTransformerBlock(nn.Module):
         )
         x = x + attn("attn1", None)(ln("norm1")(x))
         x = x + attn("attn2", self.context_dim)(ln("norm2")(x), context)
-        x = x + FeedForward(self.dim, dtype=self.dtype, name="ff")(ln("norm3")(x))
+        ff = FeedForward(self.dim, dtype=self.dtype, attention_impl=self.attention_impl, name="ff")
+        x = x + ff(ln("norm3")(x))
         return x
 
 

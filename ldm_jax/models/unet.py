@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.models.attention import SpatialTransformer, attention
+from ldm_jax.models.fast_ops import dense_cls
 
 Dtype = Any
 REMAT_POLICIES = (None, "full", "dots_saveable", "nothing_saveable")
@@ -83,8 +84,8 @@ def validate_unet_config(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if remat_policy not in REMAT_POLICIES:
         raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {remat_policy!r}")
-    if attention_impl not in (None, "xla", "cudnn"):
-        raise ValueError(f"attention_impl must be None, 'xla' or 'cudnn', got {attention_impl!r}")
+    if attention_impl not in (None, "xla", "cudnn", "matmul"):
+        raise ValueError(f"attention_impl must be None, 'xla', 'cudnn' or 'matmul', got {attention_impl!r}")
     if attention_impl == "cudnn" and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"attention_impl 'cudnn' needs dtype bfloat16 or float16, got {jnp.dtype(dtype).name}")
 
@@ -183,10 +184,11 @@ class AttentionBlock(nn.Module):
         b, hh, ww, c = x.shape
         d = c // self.num_heads
         t = GroupNorm32(name="norm")(x).reshape(b, hh * ww, c)
-        qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(t)
+        dense = dense_cls(self.attention_impl)
+        qkv = dense(3 * c, dtype=self.dtype, name="qkv")(t)
         q, k, v = (a.reshape(b, hh * ww, self.num_heads, d) for a in jnp.split(qkv, 3, axis=-1))
         a = attention(q, k, v, d**-0.5, self.attention_impl)
-        a = nn.Dense(c, dtype=self.dtype, kernel_init=_zeros, name="proj_out")(a.reshape(b, hh * ww, c))
+        a = dense(c, dtype=self.dtype, kernel_init=_zeros, name="proj_out")(a.reshape(b, hh * ww, c))
         return x + a.reshape(b, hh, ww, c).astype(x.dtype)
 
 

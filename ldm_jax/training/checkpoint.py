@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class Checkpointer:
@@ -51,12 +52,20 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore_raw(self, step: int | None = None) -> tuple[Any, dict[str, Any]]:
-        """Restores without a target (numpy arrays on host), e.g. to load a frozen stage-1 model."""
+        """Restores without a target, every array whole on this process's first device, e.g. to load a frozen
+        stage-1 model. Works whatever topology wrote the checkpoint (Orbax refuses a target-less restore of
+        arrays saved on other devices, e.g. by a multi-host run)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        handler = ocp.StandardCheckpointHandler()
+        tree = handler.metadata(epath.Path(self.directory) / str(step) / "state")
+        handler.close()
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              getattr(tree, "tree", tree))
         restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         )
         return restored["state"], restored["meta"]
 

@@ -99,11 +99,17 @@ def all_finite(*trees: Any) -> jax.Array:
 
 
 def guarded_update(tx: optax.GradientTransformation, grads, opt_state, params, finite: jax.Array):
-    """Applies an optimizer update only when loss and grads are finite; otherwise keeps params and state."""
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-    return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state)
+    """Applies an optimizer update only when loss and grads are finite; otherwise keeps params and state.
+
+    A `lax.cond` rather than a `where` per leaf: selecting every leaf of params and optimizer state made XLA
+    compile the stage-1 step ~3× slower (CPU, measured) and costs an extra pass over them at every step."""
+
+    def apply(operands):
+        g, state, p = operands
+        updates, new_state = tx.update(g, state, p)
+        return optax.apply_updates(p, updates), new_state
+
+    return jax.lax.cond(finite, apply, lambda operands: (operands[2], operands[1]), (grads, opt_state, params))
 
 
 class PreemptionGuard:

@@ -1,0 +1,108 @@
+"""Attention and Dense with hand-written VJPs whose matmuls XLA:CPU runs fast (`attention_impl="matmul"`).
+
+Pure reformulations: the forward passes compute the same expressions as jax.nn.dot_product_attention and
+flax's nn.Dense (Dense bit-for-bit; attention up to float rounding), and the backward passes are the exact
+gradients. Why: autodiff of those ops leaves XLA:CPU batched dots that contract a non-minor dimension of the
+big operand (softmax probabilities, Dense output gradients) and broadcasts it materialises; measured on a
+2-core AVX2 CPU, attention fwd+bwd (8x256 tokens, 6 heads of 32) went 91 -> 39 ms and a 192 -> 1536 Dense
+181 -> 115 ms (docs/benchmarks.md). On GPU prefer "cudnn".
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def _attn_fwd_core(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
+    # (B, heads, L, d) operands; logits and softmax in float32, as jax.nn.dot_product_attention.
+    logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32) * scale
+    p = jax.nn.softmax(logits, axis=-1)
+    return jnp.matmul(p.astype(v.dtype), v), p
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention_bhld(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    return _attn_fwd_core(q, k, v, scale)[0]
+
+
+def _attention_fwd(q, k, v, scale):
+    out, p = _attn_fwd_core(q, k, v, scale)
+    return out, (q, k, v, p, out)
+
+
+def _attention_bwd(scale, res, dout):
+    q, k, v, p, out = res
+    f32 = jnp.float32
+    do = dout.astype(f32)
+    # Every product keeps the (L x M) matrix (p or ds) as a plain right-hand or left-hand operand; only the
+    # small (L x d) operands are transposed.
+    dv_t = jnp.matmul(jnp.swapaxes(do, -1, -2), p)  # (B, h, d, M)
+    dp = jnp.matmul(do, jnp.swapaxes(v.astype(f32), -1, -2))  # (B, h, L, M)
+    ds = p * (dp - jnp.sum(do * out.astype(f32), axis=-1, keepdims=True))  # softmax VJP: sum(p dp) = sum(do out)
+    dq = jnp.matmul(ds, k.astype(f32)) * scale
+    dk_t = jnp.matmul(jnp.swapaxes(q.astype(f32), -1, -2) * scale, ds)  # (B, h, d, M)
+    return (dq.astype(q.dtype), jnp.swapaxes(dk_t, -1, -2).astype(k.dtype),
+            jnp.swapaxes(dv_t, -1, -2).astype(v.dtype))
+
+
+_attention_bhld.defvjp(_attention_fwd, _attention_bwd)
+
+
+def matmul_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """Softmax attention on (B, L, heads, d) tensors -> (B, L, heads, d); the VJP is hand-written (see module)."""
+    tr = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731
+    return tr(_attention_bhld(tr(q), tr(k), tr(v), float(scale)))
+
+
+@jax.custom_vjp
+def dense_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x (..., K) @ kernel (K, N), exactly as nn.Dense computes it; dkernel contracts the flattened rows of x
+    with those of the output gradient directly (no transposed copy of the larger operand)."""
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _dense_fwd(x, kernel):
+    return dense_matmul(x, kernel), (x, kernel)
+
+
+def _dense_bwd(res, dy):
+    x, kernel = res
+    x2, d2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dk = jnp.matmul(x2.T, d2)
+    dx = jnp.matmul(d2, kernel.T).reshape(x.shape)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+dense_matmul.defvjp(_dense_fwd, _dense_bwd)
+
+
+class FastDense(nn.Module):
+    """Drop-in for nn.Dense (same params, init and forward) whose backward uses `dense_matmul`'s VJP."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (jnp.shape(x)[-1], self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = dense_matmul(x, kernel)
+        if bias is not None:
+            y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y
+
+
+def dense_cls(attention_impl: str | None) -> type[nn.Module]:
+    """The Dense layer that goes with an attention_impl: FastDense for "matmul", else nn.Dense."""
+    return FastDense if attention_impl == "matmul" else nn.Dense
