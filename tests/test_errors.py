@@ -68,6 +68,7 @@ def stage1_dir(tmp_path_factory):
     ({"data.name": "folder", "data.path": "/nonexistent/images"}, FileNotFoundError,
      r"^data\.path: image folder '/nonexistent/images' does not exist$"),
     ({"data.name": "imagenet"}, ValueError, r"^data\.name must be .*got 'imagenet'$"),
+    ({"train.grad_accum": 2}, ValueError, r"^train\.grad_accum=2: stage 1 has no gradient accumulation"),
 ])
 def test_autoencoder_bad_config(tmp_path, overrides, exc, pattern):
     cfg = su.tiny_ae_config(**overrides)

@@ -31,15 +31,26 @@ def random_params(abstract: Any, seed: int = 0) -> Any:
     return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
-def compiled_report(compiled: Any) -> dict[str, Any]:
+def xla_gflop(*stages: Any) -> float | None:
+    """GFLOP by XLA's cost analysis of the first stage that has one. The lowered (pre-optimisation) module comes
+    first: its count is the same on every backend, while a GPU executable's misses cuDNN convolutions."""
+    for st in stages:
+        try:
+            cost = st.cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            if cost and cost.get("flops"):
+                return float(cost["flops"]) / 1e9
+        except Exception:
+            continue
+    return None
+
+
+def compiled_report(compiled: Any, lowered: Any = None) -> dict[str, Any]:
     """FLOPs (XLA cost analysis) and memory (XLA memory analysis) of a compiled executable."""
     rep: dict[str, Any] = {}
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        rep["gflop"] = float(cost.get("flops", 0.0)) / 1e9
-    except Exception:
-        pass
+    gflop = xla_gflop(*([lowered] if lowered is not None else []), compiled)
+    if gflop is not None:
+        rep["gflop"] = gflop
     try:
         m = compiled.memory_analysis()
         rep["xla_memory_gib"] = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
@@ -97,6 +108,7 @@ class OursSide:
                 if path not in self.weights:  # one conversion + output check per network
                     self.weights[path] = self._load_and_check(model, abstract, path, converter)
                 params, diff = self.weights[path]
+                params = jax.tree.map(jax.numpy.asarray, params)
                 extra.update(weights="torch peer's, converted by ldm_jax.convert", max_abs_diff_vs_torch=diff,
                              weights_s=time.perf_counter() - t0)
                 return params, extra
@@ -128,12 +140,14 @@ class OursSide:
         got = self.jax.tree.leaves(params)
         if [tuple(a.shape) for a in leaves] != [tuple(np.shape(b)) for b in got]:
             raise ValueError("converted params do not match the model's shapes")
-        return self.jax.tree.map(jnp.asarray, params), float(np.max(np.abs(np.asarray(out, np.float32) - ref)))
+        # Kept on the host: a train step donates (deletes) the device copies it is given.
+        return params, float(np.max(np.abs(np.asarray(out, np.float32) - ref)))
 
     def _compile(self, fn, args: tuple, donate: tuple = ()) -> tuple[Any, dict[str, Any]]:
         t0 = time.perf_counter()
-        compiled = self.jax.jit(fn, donate_argnums=donate).lower(*args).compile()
-        return compiled, {"compile_s": time.perf_counter() - t0, **compiled_report(compiled)}
+        lowered = self.jax.jit(fn, donate_argnums=donate).lower(*args)
+        compiled = lowered.compile()
+        return compiled, {"compile_s": time.perf_counter() - t0, **compiled_report(compiled, lowered)}
 
     # -- cases --------------------------------------------------------------------------------------------------
     def setup(self, case: dict[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,9 @@ class AEState:
 
 def build_models(config: ml_collections.ConfigDict):
     """The autoencoder, the discriminator and their two Adam optimizers (betas 0.5, 0.9, as the reference)."""
+    if config.train.get("grad_accum", 1) != 1:  # scaled_lr would scale the rate for an accumulation not done
+        raise ValueError(f"train.grad_accum={config.train.grad_accum}: stage 1 has no gradient accumulation "
+                         "(raise train.batch_size or add devices)")
     model = build_autoencoder(config.model)
     lc = config.loss
     disc = NLayerDiscriminator(ndf=lc.disc_ndf, n_layers=lc.disc_n_layers, norm=lc.disc_norm)

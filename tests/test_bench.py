@@ -1,0 +1,72 @@
+"""`python -m ldm_jax.bench --quick` smoke test: runs every case and checks the JSON's structure (not timed)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ldm_jax.bench import runner, spec
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the 8 forced test devices stay out
+    proc = subprocess.run([sys.executable, "-m", "ldm_jax.bench", "--quick", "--json", str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(out) as f:
+        return json.load(f), proc.stdout
+
+
+@pytest.mark.slow
+def test_quick_json_has_every_case_with_medians_and_ratios(quick):
+    res, stdout = quick
+    names = [c["name"] for c in spec.make_cases(quick=True)]
+    assert list(res["cases"]) == names
+    assert res["meta"]["mode"] == "quick" and res["meta"]["reps"] == 2
+    for name, case in res["cases"].items():
+        ours = case["sides"]["ours"]
+        assert ours["status"] == "ok", (name, ours)
+        assert len(ours["times_s"]) == 2 and ours["median_s"] > 0 and ours["compile_s"] > 0
+        assert ours["gflop"] > 0 and case["gflop_per_call"] == ours["gflop"]
+        for side, r in case["sides"].items():
+            if side == "ours":
+                continue
+            if r["status"] == "ok":  # a present peer: its median and the ratio ours/peer
+                assert r["median_s"] > 0 and len(r["times_s"]) == 2
+                assert case["ratio_ours_over"][side] == pytest.approx(ours["median_s"] / r["median_s"])
+                assert r["params"] == ours["params"], (name, side)  # the same network on every side
+            else:  # absent peers are reported with a reason, never given numbers
+                assert r["status"] in ("absent", "error") and r["reason"] and "median_s" not in r
+        assert name in stdout
+    ldm = res["ldm4_vs_ldm1"]
+    assert ldm["speedup"] == pytest.approx(ldm["ldm1_median_s"] / ldm["ldm4_median_s"])
+    assert set(res["targets"]) and all("reached" in v for v in res["targets"].values())
+    assert res["peak_matmul_gflops"]["used"] > 0
+
+
+def test_cases_map_to_the_same_network_for_diffusers():
+    case = spec.make_cases()[0]
+    kw = spec.diffusers_unet_kwargs(case)
+    assert kw["down_block_types"] == ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D")
+    assert kw["up_block_types"] == ("UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    assert kw["block_out_channels"] == (96, 192, 192, 192) and kw["attention_head_dim"] == 6
+    assert spec.ours_unet_kwargs(case)["num_head_channels"] * 6 == 192
+
+
+def test_summarise_ratios_and_table():
+    case = {"name": "c", "about": "x", "batch": 2, "size": 8}
+    res = {"ours": {"status": "ok", "median_s": 1.0, "gflop": 10.0, "times_s": [1.0]},
+           "torch": {"status": "ok", "median_s": 2.0, "times_s": [2.0]},
+           "flax": {"status": "absent", "reason": "not installed"}}
+    s = runner.summarise(case, res, peak_gflops=100.0)
+    assert s["ratio_ours_over"] == {"torch": 0.5}
+    assert s["fastest_peer"] == "torch" and s["speedup_vs_fastest_peer"] == 2.0
+    assert res["ours"]["mfu"] == pytest.approx(0.1) and res["torch"]["mfu"] == pytest.approx(0.05)
+    text = runner.table({"cases": {"c": s}})
+    assert "| c | torch | 2 |" in text and "absent: not installed" in text

@@ -1,0 +1,84 @@
+"""attention_impl="matmul": FastDense / matmul_attention are pure reformulations (same outputs and gradients)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ldm_jax.models.fast_ops import FastDense, dense_cls, matmul_attention
+from ldm_jax.models.unet import UNetModel
+
+
+def _np_attention(q, k, v, scale):
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    logits = np.einsum("blhd,bmhd->bhlm", q, k) * scale
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhlm,bmhd->blhd", p, v)
+
+
+def test_fast_dense_same_params_and_bitwise_forward():
+    x = jax.random.normal(jax.random.key(0), (3, 7, 12))
+    pd = nn.Dense(20).init(jax.random.key(1), x)
+    pf = FastDense(20).init(jax.random.key(1), x)
+    assert jax.tree.structure(pd) == jax.tree.structure(pf)
+    for a, b in zip(jax.tree.leaves(pd), jax.tree.leaves(pf), strict=True):
+        np.testing.assert_array_equal(a, b)
+    pf = jax.tree.map(lambda a: a + 0.1, pf)  # non-zero bias
+    np.testing.assert_array_equal(nn.Dense(20).apply(pf, x), FastDense(20).apply(pf, x))
+    np.testing.assert_allclose(FastDense(20).apply(pf, x),
+                               np.asarray(x) @ np.asarray(pf["params"]["kernel"]) + np.asarray(pf["params"]["bias"]),
+                               rtol=1e-5, atol=1e-5)
+    assert dense_cls("matmul") is FastDense and dense_cls(None) is nn.Dense
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_fast_dense_gradients_match_autodiff(use_bias):
+    x = jax.random.normal(jax.random.key(2), (2, 5, 6))
+    p = nn.Dense(4, use_bias=use_bias).init(jax.random.key(3), x)
+    loss = lambda mod: (lambda p, x: jnp.sum(jnp.sin(mod.apply(p, x))))  # noqa: E731
+    g_ref = jax.grad(loss(nn.Dense(4, use_bias=use_bias)), argnums=(0, 1))(p, x)
+    g_new = jax.grad(loss(FastDense(4, use_bias=use_bias)), argnums=(0, 1))(p, x)
+    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_new), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_matmul_attention_forward_and_gradients():
+    ks = jax.random.split(jax.random.key(4), 3)
+    q = jax.random.normal(ks[0], (2, 7, 3, 4))
+    k = jax.random.normal(ks[1], (2, 5, 3, 4))  # cross-attention: L != M
+    v = jax.random.normal(ks[2], (2, 5, 3, 4))
+    np.testing.assert_allclose(matmul_attention(q, k, v, 0.5), _np_attention(q, k, v, 0.5), rtol=1e-5, atol=1e-6)
+    ref = lambda q, k, v: jnp.sum(jnp.sin(jax.nn.dot_product_attention(q, k, v, scale=0.5)))  # noqa: E731
+    new = lambda q, k, v: jnp.sum(jnp.sin(matmul_attention(q, k, v, 0.5)))  # noqa: E731
+    for a, b in zip(jax.grad(ref, (0, 1, 2))(q, k, v), jax.grad(new, (0, 1, 2))(q, k, v), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_unet_matmul_impl_same_outputs_and_gradients():
+    kw = dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+              attention_resolutions=(2,), num_head_channels=16, use_spatial_transformer=True, context_dim=24)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    t = jnp.array([3, 700])
+    c = jax.random.normal(jax.random.key(1), (2, 5, 24))
+    m0, m1 = UNetModel(**kw), UNetModel(**kw, attention_impl="matmul")
+    p = m0.init(jax.random.key(0), x, t, c)
+    p1 = m1.init(jax.random.key(0), x, t, c)
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p1), strict=True):
+        np.testing.assert_array_equal(a, b)  # same parameter tree and init: checkpoints are interchangeable
+    leaves, tree = jax.tree.flatten(p)
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    p = jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+    np.testing.assert_allclose(m1.apply(p, x, t, c), m0.apply(p, x, t, c), rtol=1e-5, atol=1e-5)
+    loss = lambda m: (lambda p: jnp.sum(jnp.sin(m.apply(p, x, t, c))))  # noqa: E731
+    g0, g1 = jax.grad(loss(m0))(p), jax.grad(loss(m1))(p)
+    scale = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g0))
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * scale)
+
+
+def test_unet_rejects_unknown_attention_impl():
+    m = UNetModel(4, 4, 32, channel_mult=(1,), attention_resolutions=(1,), num_heads=1, attention_impl="fast")
+    with pytest.raises(ValueError, match="attention_impl"):
+        m.init(jax.random.key(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32))
