@@ -69,7 +69,7 @@ def test_unet_matmul_impl_same_outputs_and_gradients():
         np.testing.assert_array_equal(a, b)  # same parameter tree and init: checkpoints are interchangeable
     leaves, tree = jax.tree.flatten(p)
     keys = jax.random.split(jax.random.key(5), len(leaves))
-    p = jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+    p = jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)])
     np.testing.assert_allclose(m1.apply(p, x, t, c), m0.apply(p, x, t, c), rtol=1e-5, atol=1e-5)
     loss = lambda m: (lambda p: jnp.sum(jnp.sin(m.apply(p, x, t, c))))  # noqa: E731
     g0, g1 = jax.grad(loss(m0))(p), jax.grad(loss(m1))(p)
