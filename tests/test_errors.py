@@ -1,5 +1,5 @@
 """Issue #4: bad input gives a one-line error naming the config field or file, raised by the real train loops
-before anything is compiled (checked with JAX's compile-event monitoring)."""
+before anything is compiled (checked by logging what XLA compiles)."""
 
 import logging
 import re
