@@ -70,11 +70,15 @@ def test_unet_matmul_impl_same_outputs_and_gradients():
     leaves, tree = jax.tree.flatten(p)
     keys = jax.random.split(jax.random.key(5), len(leaves))
     p = jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)])
-    # One jitted value_and_grad per model (op-by-op eager dispatch of a UNet is slow on a busy CPU).
-    vg = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.sum(jnp.sin(m.apply(p, x, t, c)))))  # noqa: E731
-    (l0, g0), (l1, g1) = vg(m0)(p), vg(m1)(p)
-    np.testing.assert_allclose(l1, l0, rtol=1e-5)
-    out0, out1 = jax.jit(m0.apply)(p, x, t, c), jax.jit(m1.apply)(p, x, t, c)
+    # One jitted compilation per model, output as aux (op-by-op eager dispatch of a UNet is slow on a busy CPU).
+    def vg(m):
+        def loss(p):
+            out = m.apply(p, x, t, c)
+            return jnp.sum(jnp.sin(out)), out
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+    ((_, out0), g0), ((_, out1), g1) = vg(m0)(p), vg(m1)(p)
     np.testing.assert_allclose(out1, out0, rtol=1e-5, atol=1e-5)
     scale = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g0))
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
