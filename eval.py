@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     """Runs eval.py; returns the exit status (bad input: one line on stderr, status 2)."""
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ldm_jax.xla_flags import set_default_xla_flags
+
+    set_default_xla_flags()  # before jax is imported
     from ldm_jax.evaluate_workdir import evaluate_workdir, write_json
 
     opts = {k: getattr(args, k) for k in ("num_samples", "batch_size", "sampler", "steps", "eta", "guidance",

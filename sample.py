@@ -22,10 +22,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output directory for NNNNNN.png and grid.png")
     p.add_argument("--num_samples", type=int, default=16)
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--sampler", default="ddim", help="ddim | ddpm | plms")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (ddim/plms; ddpm uses all T)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--sampler", default=None, help="ddim | ddpm | plms (default: the config's sampling.sampler)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (ddim/plms; ddpm uses all T; "
+                   "default: the config's)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic; default: the config's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (1: none; default: the config's)")
     p.add_argument("--class_label", type=int, action="append", help="class index (repeatable)")
     p.add_argument("--prompt", action="append", help="text prompt (repeatable)")
     p.add_argument("--size_factor", type=int, default=1, help="sample at this × the training latent side")
@@ -38,13 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     """Runs sample.py; returns the exit status (bad flags: one line on stderr, status 2)."""
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ldm_jax.xla_flags import set_default_xla_flags
+
+    set_default_xla_flags()  # before jax is imported
     from ldm_jax import inference
 
-    opts = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, guidance=args.guidance,
-                class_labels=args.class_label, prompts=args.prompt, size_factor=args.size_factor)
     try:
         # Everything a user can get wrong is checked against config.json before loading or compiling.
         config = inference.read_config(args.workdir)
+        sc = config.get("sampling", {})
+        pick = lambda flag, name, default: flag if flag is not None else sc.get(name, default)  # noqa: E731
+        opts = dict(sampler=pick(args.sampler, "sampler", "ddim"), steps=int(pick(args.steps, "steps", 50)),
+                    eta=float(pick(args.eta, "eta", 0.0)), guidance=float(pick(args.guidance, "guidance", 1.0)),
+                    class_labels=args.class_label, prompts=args.prompt, size_factor=args.size_factor)
         inference.check_sample_args(config, num_samples=args.num_samples, batch_size=args.batch_size,
                                     seed=args.seed, **opts)
         ldm = inference.LoadedLDM.load(args.workdir, args.first_stage)

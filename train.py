@@ -3,8 +3,12 @@
 python train.py --config configs/demo_autoencoder.py --workdir runs/ae [--config.train.num_steps=100]
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from ldm_jax.xla_flags import set_default_xla_flags
+
+set_default_xla_flags()  # before anything imports jax
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, grids and metrics.")

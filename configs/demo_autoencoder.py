@@ -15,8 +15,10 @@ def get_config():
     c.model.update(embed_dim=4, z_channels=4, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(),
                    resolution=32, in_channels=1, norm_groups=8)
     c.data.update(name="fashion_mnist", resolution=32, channels=1, preprocess="pad", random_flip=False)
-    c.loss.update(perceptual_weight=0.0, kl_weight=1e-6, disc_start=1000, disc_weight=0.5, disc_n_layers=2,
+    # The GAN starts late and weak: at the paper's disc_weight 0.5 this small decoder, 1000 steps in, traded
+    # reconstruction for realism (train L1 0.068 -> 0.12, held-out PSNR 24.5 -> 20.9 dB in 500 steps, measured).
+    c.loss.update(perceptual_weight=0.0, kl_weight=1e-6, disc_start=1600, disc_weight=0.05, disc_n_layers=2,
                   disc_ndf=32)
-    c.train.update(batch_size=32, num_steps=1500, base_lr=2e-5, log_every=100, ckpt_every=500, grid_every=500)
-    c.eval.update(split="test", num_examples=2000, batch_size=100)
+    c.train.update(batch_size=32, num_steps=2000, base_lr=2e-5, log_every=100, ckpt_every=500, grid_every=500)
+    c.eval.update(split="test", num_examples=1000, batch_size=100)  # LPIPS (VGG16) costs ~9 s per 100 here
     return c

@@ -1,7 +1,7 @@
 """Study: classifier-free guidance scale vs conditional accuracy and fd_fmnist (paper: guidance trades diversity
 for fidelity; LDM-4-G uses s = 1.5 on ImageNet).
 
-python studies/guidance.py --workdir runs/ldm [--scales 1,1.5,3,5] [--num_samples 500] [--steps 50]
+python studies/guidance.py --workdir runs/ldm [--scales 1,1.5,3,5] [--num_samples 500] [--steps 50] [--eta E]
 -> studies/results/guidance.json, guidance.png (metrics vs scale), guidance_samples.png (one row per scale)
 """
 
@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--scales", default="1,1.5,3,5")
     p.add_argument("--num_samples", type=int, default=500)
     p.add_argument("--batch_size", type=int, default=100)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (eta 0)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the model's sampling.eta)")
     p.add_argument("--num_real", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=C.RESULTS)
@@ -41,17 +42,18 @@ def main(argv: list[str] | None = None) -> dict:
     real = real_stats(ldm.config.data, extractor, args.num_real, args.batch_size,
                       min(MAX_RESERVOIR, args.num_samples), logits_fn=logits_fn)
     C.log(f"real stats: {real[1]}")
+    eta = float(ldm.config.sampling.get("eta", 0.0) if args.eta is None else args.eta)
     runs, rows = [], []
     for s in scales:
         r = evaluate_ldm(ldm=ldm, num_samples=args.num_samples, batch_size=args.batch_size, sampler="ddim",
-                         steps=args.steps, eta=0.0, guidance=s, real=real, seed=args.seed, keep_images=10)
+                         steps=args.steps, eta=eta, guidance=s, real=real, seed=args.seed, keep_images=10)
         rows.append(r.pop("images"))
         runs.append(r)
         C.log(f"guidance {s}: acc {r['conditional_accuracy']:.3f} fd_fmnist {r['fd_fmnist']:.2f} "
               f"kid {r['kid_fmnist']:.4f} P {r['precision_fmnist']:.3f} R {r['recall_fmnist']:.3f} "
               f"{r['samples_per_s']:.1f} samples/s")
     result = {"study": "guidance", "workdir": ldm.workdir, "checkpoint_step": ldm.step, "machine": C.machine(),
-              "num_samples": args.num_samples, "sampler": f"ddim {args.steps} steps, eta 0", **real[1],
+              "num_samples": args.num_samples, "sampler": f"ddim {args.steps} steps, eta {eta:g}", **real[1],
               "seconds": time.time() - t0, "runs": runs}
     C.write_result("guidance", result, args.out)
 

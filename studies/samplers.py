@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="runs/ldm", help="stage-2 workdir")
     p.add_argument("--ddim_steps", default="10,20,50,100")
+    p.add_argument("--ddim_etas", default="0,1", help="DDIM eta values, each at every --ddim_steps")
     p.add_argument("--plms_steps", default="50")
     p.add_argument("--ddpm", type=int, default=1, help="1: include 1000-step DDPM (the slowest run by far)")
     p.add_argument("--num_samples", type=int, default=500)
@@ -40,18 +41,20 @@ def main(argv: list[str] | None = None) -> dict:
     logits_fn = get_or_train_classifier()[1] if judge_for(ldm.config) else None
     real = real_stats(ldm.config.data, extractor, args.num_real, args.batch_size,
                       min(MAX_RESERVOIR, args.num_samples), logits_fn=logits_fn)
-    settings = [("ddim", int(s)) for s in args.ddim_steps.split(",") if s]
-    settings += [("plms", int(s)) for s in args.plms_steps.split(",") if s]
+    settings = [("ddim", int(s), float(e)) for e in args.ddim_etas.split(",") if e
+                for s in args.ddim_steps.split(",") if s]
+    settings += [("plms", int(s), 0.0) for s in args.plms_steps.split(",") if s]
     if args.ddpm:
-        settings.append(("ddpm", int(ldm.config.diffusion.num_timesteps)))
+        settings.append(("ddpm", int(ldm.config.diffusion.num_timesteps), 1.0))
     runs = []
-    for sampler, steps in settings:
+    for sampler, steps, eta in settings:
         n = args.ddpm_samples if sampler == "ddpm" and args.ddpm_samples else args.num_samples
         r = evaluate_ldm(ldm=ldm, num_samples=n, batch_size=args.batch_size, sampler=sampler, steps=steps,
-                         eta=0.0, guidance=guidance, real=real, seed=args.seed)
+                         eta=eta, guidance=guidance, real=real, seed=args.seed)
+        r["eta"] = eta
         runs.append(r)
         acc = r.get("conditional_accuracy")
-        C.log(f"{sampler} {steps}: fd_fmnist {r['fd_fmnist']:.2f} kid {r['kid_fmnist']:.4f} "
+        C.log(f"{sampler} {steps} eta {eta:g}: fd_fmnist {r['fd_fmnist']:.2f} kid {r['kid_fmnist']:.4f} "
               f"{'' if acc is None else f'acc {acc:.3f} '}{r['samples_per_s']:.2f} samples/s")
     result = {"study": "samplers", "workdir": ldm.workdir, "checkpoint_step": ldm.step, "machine": C.machine(),
               "guidance": guidance, "num_samples": args.num_samples, **real[1], "seconds": time.time() - t0,
@@ -60,12 +63,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     plt = C.pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8, 3.2))
-    for sampler, style in (("ddim", "o-"), ("plms", "s-"), ("ddpm", "*")):
-        rs = [r for r in runs if r["sampler"] == sampler]
+    curves = [(f"ddim eta={e:g}", lambda r, e=e: r["sampler"] == "ddim" and r["eta"] == e, "o-")
+              for e in sorted({r["eta"] for r in runs if r["sampler"] == "ddim"})]
+    curves += [("plms", lambda r: r["sampler"] == "plms", "s-"), ("ddpm", lambda r: r["sampler"] == "ddpm", "*")]
+    for label, keep, style in curves:
+        rs = [r for r in runs if keep(r)]
         if rs:
             xs = [r["steps"] for r in rs]
-            ax.plot(xs, [r["fd_fmnist"] for r in rs], style, label=sampler, ms=9 if sampler == "ddpm" else 6)
-            ax2.plot(xs, [r["samples_per_s"] for r in rs], style, label=sampler, ms=9 if sampler == "ddpm" else 6)
+            ax.plot(xs, [r["fd_fmnist"] for r in rs], style, label=label, ms=9 if label == "ddpm" else 6)
+            ax2.plot(xs, [r["samples_per_s"] for r in rs], style, label=label, ms=9 if label == "ddpm" else 6)
     for a, title in ((ax, "fd_fmnist (lower is better)"), (ax2, "samples / s")):
         a.set_xscale("log")
         a.set_xlabel("network evaluations per sample (steps)")

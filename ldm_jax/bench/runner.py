@@ -19,13 +19,14 @@ import tempfile
 import time
 from typing import Any
 
+from ldm_jax import xla_flags
 from ldm_jax.bench import spec
 from ldm_jax.bench.protocol import Worker
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # XLA CPU: YNNPACK's convolution fusion computes weight gradients ~4x slower than XLA's Eigen convolution
 # on AVX2 (measured, docs/benchmarks.md), so ours and the Flax peer both run with it switched off.
-CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+CPU_XLA_FLAGS = " ".join(xla_flags.CPU_XLA_FLAGS)
 DEFAULT_FLAX_PYTHON = "/work/venv_peer/bin/python"
 
 
