@@ -22,5 +22,5 @@ def get_config():
     c.data.update(name="fashion_mnist", resolution=32, channels=1, preprocess="pad", random_flip=False)
     c.train.update(batch_size=64, num_steps=3000, base_lr=5e-4, scale_lr=False, warmup_steps=100, ema_decay=0.999,
                    log_every=100, ckpt_every=1000)
-    c.sampling.update(sampler="ddim", steps=50, guidance=3.0, grid_per_class=10)
+    c.sampling.update(sampler="ddim", steps=50, eta=1.0, guidance=3.0, grid_per_class=10)  # eta: see demo_ldm.py
     return c

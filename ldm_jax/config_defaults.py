@@ -58,6 +58,7 @@ def ldm_config() -> ml_collections.ConfigDict:
         p_uncond=0.0,  # classifier-free guidance: condition dropout probability in training
         sr_factor=4,  # lowres: downsampling factor of the low-resolution condition
         lowres_mode="pixels",  # lowres: concat the pixels | the stage-1 latents of their upsampled copy
+        tokenizer="bert",  # text: bert (WordPiece) | clip (BPE, as the converted SD models)
         vocab_path="",  # text: BERT vocab.txt or tokenizer dir ('' = train WordPiece on the captions)
         vocab_size=200,
     ))

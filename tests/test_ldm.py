@@ -309,6 +309,26 @@ def test_sample_py_bad_flags_fail_in_one_line_before_loading(ldm_dir, tmp_path, 
     assert not os.path.exists(tmp_path / "o")
 
 
+def test_sample_py_defaults_come_from_the_config(ldm_dir, tmp_path, capsys, monkeypatch):
+    from ldm_jax import inference
+
+    seen = {}
+
+    class Fake:
+        def sample_to_dir(self, out, n, bs, seed, progress, **opts):
+            seen.update(opts)
+            return {"written": n, "skipped": 0, "samples_per_s": 1.0}
+
+    monkeypatch.setattr(inference.LoadedLDM, "load", lambda *a, **k: Fake())
+    sc = inference.read_config(ldm_dir).sampling
+    code, _, err = _run(["--workdir", ldm_dir, "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    assert (seen["sampler"], seen["steps"], seen["eta"], seen["guidance"]) == (sc.sampler, sc.steps, sc.eta,
+                                                                               sc.guidance)
+    _run(["--workdir", ldm_dir, "--out", str(tmp_path / "o"), "--eta", "0.25", "--steps", "7"], capsys)
+    assert (seen["steps"], seen["eta"], seen["guidance"]) == (7, 0.25, sc.guidance)  # flags win
+
+
 def test_sample_py_missing_workdir(tmp_path, capsys):
     code, _, err = _run(["--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "no such directory" in err and err.count("\n") == 1

@@ -115,3 +115,25 @@ def test_transformer_embedder_distinguishes_prompts(tok):
     np.testing.assert_allclose(out.var(-1), 1.0, atol=1e-2)
     with pytest.raises(ValueError, match="max_seq_len"):
         enc.apply(params, jnp.zeros((1, 17), jnp.int32))
+
+
+@pytest.mark.parametrize("kind", ["bert", "clip"])
+def test_training_tokenizer_is_the_one_sampling_loads(tmp_path, kind):
+    """setup_text (train loop) and inference.load_text_tokenizer (sample.py) agree, for both tokenizer kinds."""
+    import importlib.util
+
+    if kind == "clip" and importlib.util.find_spec("open_clip") is None:
+        pytest.skip("open-clip-torch (its BPE file) not installed")
+    from ldm_jax import inference
+    from ldm_jax.config_defaults import ldm_config
+    from ldm_jax.training.train_ldm import setup_text
+
+    cfg = ldm_config()
+    cfg.condition.update(type="text", tokenizer=kind)
+    cfg.model.update(text_max_len=16, vocab_size=0)
+    tok, table, null = setup_text(cfg, str(tmp_path))
+    assert cfg.model.vocab_size == len(tok) == (49408 if kind == "clip" else len(tok))
+    assert table.shape == (len(CLASS_NAMES), 16) and len({tuple(r) for r in table}) == len(CLASS_NAMES)
+    again = inference.load_text_tokenizer(cfg, str(tmp_path))  # from WORKDIR/tokenizer, as sample.py does
+    np.testing.assert_array_equal(tokenize(again, class_captions(CLASS_NAMES), 16), table)
+    np.testing.assert_array_equal(tokenize(again, [NULL_TEXT], 16)[0], null)
