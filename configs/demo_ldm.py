@@ -3,8 +3,8 @@ demo autoencoder, classifier-free guidance (p_uncond 0.1).
 
 Measured choices (same stage 1, same seeds, guidance 3, 500 samples judged by the Fashion-MNIST classifier):
 - the class enters as an `adm` label embedding added to the time embedding, with scale-shift norm in every
-  ResBlock, instead of cross-attention on one class token: 1.8× the steps/s (8.7 vs 11.8 GFLOP/step) at the same
-  sample quality;
+  ResBlock, instead of cross-attention on one class token: 1.6× the steps/s (8.7 vs 11.8 GFLOP/step) and a bit
+  better samples (eta 1: accuracy 0.89 vs 0.87, fd_fmnist 15 vs 19);
 - sampling with DDIM eta = 1: at this short training deterministic DDIM (eta 0) turns a third of the starting
   noises into texture blobs (conditional accuracy 0.57-0.65, fd_fmnist 42), eta 1 does not (0.89, fd_fmnist 15;
   1000-step DDPM: 0.87, 16× slower).
