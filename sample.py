@@ -48,10 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Everything a user can get wrong is checked against config.json before loading or compiling.
         config = inference.read_config(args.workdir)
-        sc = config.get("sampling", {})
-        pick = lambda flag, name, default: flag if flag is not None else sc.get(name, default)  # noqa: E731
-        opts = dict(sampler=pick(args.sampler, "sampler", "ddim"), steps=int(pick(args.steps, "steps", 50)),
-                    eta=float(pick(args.eta, "eta", 0.0)), guidance=float(pick(args.guidance, "guidance", 1.0)),
+        opts = dict(inference.sampling_options(config, args.sampler, args.steps, args.eta, args.guidance),
                     class_labels=args.class_label, prompts=args.prompt, size_factor=args.size_factor)
         inference.check_sample_args(config, num_samples=args.num_samples, batch_size=args.batch_size,
                                     seed=args.seed, **opts)

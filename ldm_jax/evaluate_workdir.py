@@ -150,10 +150,7 @@ def evaluate_ldm(workdir: str | None = None, *, ldm: Any = None, num_samples: in
         inference.read_config(workdir)
         ldm = inference.LoadedLDM.load(workdir, first_stage)
     config = ldm.config
-    sc = config.sampling
-    opts = dict(sampler=sampler or sc.get("sampler", "ddim"), steps=int(steps or sc.get("steps", 50)),
-                eta=float(sc.get("eta", 0.0) if eta is None else eta),
-                guidance=float(sc.get("guidance", 1.0) if guidance is None else guidance))
+    opts = inference.sampling_options(config, sampler, steps, eta, guidance)
     inference.check_sample_args(config, num_samples=num_samples, batch_size=batch_size, seed=seed, **opts)
     res = int(config.data.resolution)
     image_shape = (res, res, int(config.data.channels))

@@ -59,6 +59,15 @@ def real_classes(config: ml_collections.ConfigDict) -> int:
     return int(config.model.n_classes) - 1
 
 
+def sampling_options(config: ml_collections.ConfigDict, sampler: str | None = None, steps: int | None = None,
+                     eta: float | None = None, guidance: float | None = None) -> dict[str, Any]:
+    """The config's `sampling` settings (sampler, steps, eta, guidance), each overridden where given (not None)."""
+    sc = config.get("sampling", {})
+    pick = lambda given, name, default: sc.get(name, default) if given is None else given  # noqa: E731
+    return dict(sampler=pick(sampler, "sampler", "ddim"), steps=int(pick(steps, "steps", 50)),
+                eta=float(pick(eta, "eta", 0.0)), guidance=float(pick(guidance, "guidance", 1.0)))
+
+
 def check_sample_args(config: ml_collections.ConfigDict, *, sampler: str = "ddim", steps: int = 50,
                       eta: float = 0.0, guidance: float = 1.0, class_labels: Sequence[int] | None = None,
                       prompts: Sequence[str] | None = None, size_factor: int = 1, num_samples: int = 1,
@@ -143,17 +152,10 @@ def restore_ema(workdir: str) -> tuple[dict, float, int]:
 def load_text_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Any:
     """The model's tokenizer: condition.tokenizer 'bert' (WordPiece, default) or 'clip' (BPE, converted SD
     models); from condition.vocab_path, else WORKDIR/tokenizer."""
+    from ldm_jax.data.text import load_tokenizer
+
     path = config.condition.get("vocab_path") or os.path.join(workdir, "tokenizer")
-    kind = config.condition.get("tokenizer", "bert")
-    if kind == "clip":
-        from ldm_jax.data.clip_tokenizer import load_clip_tokenizer
-
-        return load_clip_tokenizer(path)
-    if kind != "bert":
-        raise ValueError(f"condition.tokenizer must be 'bert' or 'clip', got {kind!r}")
-    from ldm_jax.data.text import load_bert_tokenizer
-
-    return load_bert_tokenizer(path)
+    return load_tokenizer(config.condition.get("tokenizer", "bert"), path)
 
 
 @dataclass

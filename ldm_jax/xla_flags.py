@@ -18,16 +18,15 @@ def _jaxlib_version() -> tuple[int, ...]:
         return (0,)
 
 
-def set_default_xla_flags(extra: tuple[str, ...] = ()) -> str:
-    """Add ldm_jax's default flags (and `extra`) to $XLA_FLAGS unless the user already set the same flag.
+def set_default_xla_flags() -> str:
+    """Add ldm_jax's default flags to $XLA_FLAGS unless the user already set the same flag.
 
     Set LDM_JAX_DEFAULT_XLA_FLAGS=0 to leave XLA_FLAGS untouched. Older jaxlibs do not know the YNNPACK flag
     (XLA aborts on unknown flags), so it is only added from jaxlib 0.10 on. Returns the resulting XLA_FLAGS.
     """
     flags = os.environ.get("XLA_FLAGS", "").split()
     if os.environ.get("LDM_JAX_DEFAULT_XLA_FLAGS", "1") != "0":
-        wanted = (CPU_XLA_FLAGS if _jaxlib_version() >= (0, 10) else ()) + tuple(extra)
-        for flag in wanted:
+        for flag in CPU_XLA_FLAGS if _jaxlib_version() >= (0, 10) else ():
             name = flag.split("=")[0]
             if not any(f.split("=")[0] == name for f in flags):
                 flags.append(flag)

@@ -42,18 +42,17 @@ def main(argv: list[str] | None = None) -> dict:
     real = real_stats(ldm.config.data, extractor, args.num_real, args.batch_size,
                       min(MAX_RESERVOIR, args.num_samples), logits_fn=logits_fn)
     C.log(f"real stats: {real[1]}")
-    eta = float(ldm.config.sampling.get("eta", 0.0) if args.eta is None else args.eta)
     runs, rows = [], []
     for s in scales:
         r = evaluate_ldm(ldm=ldm, num_samples=args.num_samples, batch_size=args.batch_size, sampler="ddim",
-                         steps=args.steps, eta=eta, guidance=s, real=real, seed=args.seed, keep_images=10)
+                         steps=args.steps, eta=args.eta, guidance=s, real=real, seed=args.seed, keep_images=10)
         rows.append(r.pop("images"))
         runs.append(r)
         C.log(f"guidance {s}: acc {r['conditional_accuracy']:.3f} fd_fmnist {r['fd_fmnist']:.2f} "
               f"kid {r['kid_fmnist']:.4f} P {r['precision_fmnist']:.3f} R {r['recall_fmnist']:.3f} "
               f"{r['samples_per_s']:.1f} samples/s")
     result = {"study": "guidance", "workdir": ldm.workdir, "checkpoint_step": ldm.step, "machine": C.machine(),
-              "num_samples": args.num_samples, "sampler": f"ddim {args.steps} steps, eta {eta:g}", **real[1],
+              "num_samples": args.num_samples, "sampler": f"ddim {args.steps} steps, eta {runs[0]['eta']:g}", **real[1],
               "seconds": time.time() - t0, "runs": runs}
     C.write_result("guidance", result, args.out)
 

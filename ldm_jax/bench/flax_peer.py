@@ -61,15 +61,9 @@ class FlaxSide:
         lowered = self.jax.jit(fn, donate_argnums=donate).lower(*args)
         compiled = lowered.compile()
         rep: dict[str, Any] = {"compile_s": time.perf_counter() - t0}
-        for st in (lowered, compiled):  # as ours.xla_gflop: the lowered module's count first
-            try:
-                cost = st.cost_analysis()
-                cost = cost[0] if isinstance(cost, list) else cost
-                if cost and cost.get("flops"):
-                    rep["gflop"] = float(cost["flops"]) / 1e9
-                    break
-            except Exception:
-                continue
+        gflop = protocol.xla_gflop(lowered, compiled)
+        if gflop is not None:
+            rep["gflop"] = gflop
         return compiled, rep
 
     def setup(self, case: dict[str, Any]) -> dict[str, Any]:

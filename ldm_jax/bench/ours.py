@@ -31,24 +31,10 @@ def random_params(abstract: Any, seed: int = 0) -> Any:
     return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
-def xla_gflop(*stages: Any) -> float | None:
-    """GFLOP by XLA's cost analysis of the first stage that has one. The lowered (pre-optimisation) module comes
-    first: its count is the same on every backend, while a GPU executable's misses cuDNN convolutions."""
-    for st in stages:
-        try:
-            cost = st.cost_analysis()
-            cost = cost[0] if isinstance(cost, list) else cost
-            if cost and cost.get("flops"):
-                return float(cost["flops"]) / 1e9
-        except Exception:
-            continue
-    return None
-
-
 def compiled_report(compiled: Any, lowered: Any = None) -> dict[str, Any]:
     """FLOPs (XLA cost analysis) and memory (XLA memory analysis) of a compiled executable."""
     rep: dict[str, Any] = {}
-    gflop = xla_gflop(*([lowered] if lowered is not None else []), compiled)
+    gflop = protocol.xla_gflop(*([lowered] if lowered is not None else []), compiled)
     if gflop is not None:
         rep["gflop"] = gflop
     try:

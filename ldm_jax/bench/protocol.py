@@ -148,3 +148,18 @@ class Worker:
             self.proc.kill()
         self.alive = False
         self.log.close()
+
+
+def xla_gflop(*stages: Any) -> float | None:
+    """GFLOP by XLA's cost analysis of the first stage (jax Lowered/Compiled) that has one. Pass the lowered
+    (pre-optimisation) module first: its count is the same on every backend, while a GPU executable's misses
+    cuDNN convolutions."""
+    for st in stages:
+        try:
+            cost = st.cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            if cost and cost.get("flops"):
+                return float(cost["flops"]) / 1e9
+        except Exception:
+            continue
+    return None

@@ -60,6 +60,17 @@ def load_bert_tokenizer(path: str) -> Any:
     return BertTokenizer(vocab=path, do_lower_case=True)
 
 
+def load_tokenizer(kind: str, path: str) -> Any:
+    """The text model's tokenizer from `path`: condition.tokenizer 'bert' (WordPiece) or 'clip' (BPE)."""
+    if kind == "clip":
+        from ldm_jax.data.clip_tokenizer import load_clip_tokenizer
+
+        return load_clip_tokenizer(path)
+    if kind != "bert":
+        raise ValueError(f"condition.tokenizer must be 'bert' or 'clip', got {kind!r}")
+    return load_bert_tokenizer(path)
+
+
 def tokenize(tokenizer: Any, texts: Sequence[str] | str, max_length: int = 77) -> np.ndarray:
     """Token ids int32 (B, max_length): [CLS] ... [SEP] then [PAD]; truncated, keeping [SEP]."""
     if isinstance(texts, str):

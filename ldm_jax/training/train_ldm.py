@@ -27,31 +27,25 @@ def setup_text(config: ml_collections.ConfigDict, workdir: str):
     """Tokenizer for text conditioning (condition.tokenizer 'bert' or 'clip'): a given vocabulary, else WordPiece
     trained on the class captions (bert) or open_clip's BPE (clip), saved in WORKDIR/tokenizer where sample.py
     looks. Returns (tokenizer, token table per class, null tokens)."""
-    from ldm_jax.data.text import class_captions, load_bert_tokenizer, tokenize, train_wordpiece_vocab
+    from ldm_jax.data.text import class_captions, load_tokenizer, tokenize, train_wordpiece_vocab
 
     cc = config.condition
     kind = cc.get("tokenizer", "bert")
-    if kind not in ("bert", "clip"):
-        raise ValueError(f"condition.tokenizer must be 'bert' or 'clip', got {kind!r}")
     captions = class_captions(CLASS_NAMES)
     path = cc.get("vocab_path") or os.path.join(workdir, "tokenizer")
-    if kind == "clip":
-        from ldm_jax.data.clip_tokenizer import load_clip_tokenizer
+    if not cc.get("vocab_path") and jax.process_index() == 0:
+        if kind == "clip" and not os.path.isdir(path):
+            from ldm_jax.data.clip_tokenizer import load_clip_tokenizer
 
-        given = bool(cc.get("vocab_path")) or os.path.isdir(path)
-        tok = load_clip_tokenizer(path if given else None)
-        if not given and jax.process_index() == 0:
-            tok.save_pretrained(path)  # the run's own copy, so sampling never depends on open_clip's wheel
-    else:
-        if not cc.get("vocab_path") and not os.path.exists(os.path.join(path, "vocab.txt")):
-            if jax.process_index() == 0:
-                train_wordpiece_vocab(captions, path, vocab_size=cc.get("vocab_size", 200))
-        tok = None
+            # The run's own copy of open_clip's BPE, so sampling never depends on open_clip's wheel.
+            load_clip_tokenizer(None).save_pretrained(path)
+        elif kind == "bert" and not os.path.exists(os.path.join(path, "vocab.txt")):
+            train_wordpiece_vocab(captions, path, vocab_size=cc.get("vocab_size", 200))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("tokenizer")
-    tok = tok or load_bert_tokenizer(path)
+    tok = load_tokenizer(kind, path)  # what sample.py loads (inference.load_text_tokenizer)
     if config.model.get("vocab_size", 0) in (0, None):
         config.model.vocab_size = len(tok)
     max_len = config.model.text_max_len
