@@ -257,7 +257,7 @@ class LoadedLDM:
 
             null_tokens = jnp.asarray(self._tokens([NULL_TEXT])[0])
         sample = make_sample_fn(lambda p, x, t, c: model.apply({"params": p}, x, t, c), self.sched, sampler, steps,
-                                eta, guidance, cfg.diffusion.parameterization)
+                                eta, guidance, cfg.diffusion.parameterization, shared_x=True)
         shape = (1, *self.latent_shape(size_factor))
 
         def one(params, cond, uncond, key):

@@ -68,5 +68,11 @@ def test_summarise_ratios_and_table():
     assert s["ratio_ours_over"] == {"torch": 0.5}
     assert s["fastest_peer"] == "torch" and s["speedup_vs_fastest_peer"] == 2.0
     assert res["ours"]["mfu"] == pytest.approx(0.1) and res["torch"]["mfu"] == pytest.approx(0.05)
+    # A side's own FLOP count when it has one (ours may execute fewer FLOPs for the same output); paired ratios.
+    res2 = {"ours": {"status": "ok", "median_s": 1.0, "gflop": 8.0, "times_s": [1.0, 2.0, 0.5]},
+            "flax": {"status": "ok", "median_s": 2.0, "gflop": 10.0, "times_s": [1.5, 3.0, 2.0]}}
+    s2 = runner.summarise(case, res2, peak_gflops=100.0)
+    assert res2["flax"]["achieved_gflops"] == pytest.approx(5.0) and res2["ours"]["achieved_gflops"] == 8.0
+    assert s2["paired_speedup_vs_fastest_peer"] == pytest.approx(1.5)  # median of 1.5, 1.5, 4.0
     text = runner.table({"cases": {"c": s}})
     assert "| c | torch | 2 |" in text and "absent: not installed" in text

@@ -89,3 +89,38 @@ def test_unet_rejects_unknown_attention_impl():
     m = UNetModel(4, 4, 32, channel_mult=(1,), attention_resolutions=(1,), num_heads=1, attention_impl="fast")
     with pytest.raises(ValueError, match="attention_impl"):
         m.init(jax.random.key(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32))
+
+
+def test_upsample_conv_equals_conv_of_nearest_upsampling():
+    from ldm_jax.models.fast_ops import upsample_conv, upsample_conv_general_dilated
+
+    x = jax.random.normal(jax.random.key(7), (2, 3, 5, 6))  # H != W: catches swapped phases
+    w = jax.random.normal(jax.random.key(8), (3, 3, 6, 4))
+
+    def ref(x, w):
+        up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return jax.lax.conv_general_dilated(up, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    # float64 NumPy reference of the upsampled conv
+    up = np.repeat(np.repeat(np.asarray(x, np.float64), 2, 1), 2, 2)
+    pad = np.pad(up, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = sum(np.einsum("nhwi,io->nhwo", pad[:, a:a + 6, b:b + 10], np.asarray(w, np.float64)[a, b])
+               for a in range(3) for b in range(3))
+    np.testing.assert_allclose(upsample_conv(x, w), want, rtol=1e-5, atol=1e-5)
+    r = jax.random.normal(jax.random.key(9), want.shape)
+    g_ref = jax.grad(lambda x, w: jnp.sum(ref(x, w) * r), (0, 1))(x, w)
+    g_new = jax.grad(lambda x, w: jnp.sum(upsample_conv(x, w) * r), (0, 1))(x, w)
+    for a, b in zip(g_new, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    # The UNet / autoencoder Upsample modules keep nn.Conv's parameters (checkpoints and converters unchanged).
+    from ldm_jax.models.autoencoder import Upsample as AEUpsample
+    from ldm_jax.models.unet import Upsample
+
+    for mod in (Upsample(6, True), AEUpsample()):
+        p = mod.init(jax.random.key(0), x)
+        assert jax.tree.map(jnp.shape, p) == {"params": {"conv": {"kernel": (3, 3, 6, 6), "bias": (6,)}}}
+        p = {"params": {"conv": {"kernel": w[..., :4].repeat(2, -1)[..., :6], "bias": jnp.arange(6.0)}}}
+        np.testing.assert_allclose(mod.apply(p, x), ref(x, p["params"]["conv"]["kernel"]) + jnp.arange(6.0),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="3x3 stride-1"):
+        nn.Conv(4, (5, 5), conv_general_dilated=upsample_conv_general_dilated).init(jax.random.key(0), x)

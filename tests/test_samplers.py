@@ -200,6 +200,14 @@ def test_classifier_free_guidance():
     np.testing.assert_allclose(classifier_free_guidance(model, cond, uncond, 0.0)(x, t), out_u, atol=1e-6)
     with pytest.raises(ValueError, match="sampling.guidance"):
         classifier_free_guidance(model, cond, uncond, -1.0)
+    calls.clear()
+
+    def shared_model(x, t, c):  # accepts x/t of batch B with 2B conditions, as UNetModel does
+        return model(jnp.concatenate([x, x]), jnp.concatenate([t, t]), c)
+
+    g_shared = classifier_free_guidance(shared_model, cond, uncond, 3.5, shared_x=True)(x, t)
+    np.testing.assert_allclose(g_shared, g, rtol=1e-6)
+    assert calls == [((2 * b, 2), (2 * b,), (2 * b,))]
 
 
 def test_get_sampler():

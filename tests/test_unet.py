@@ -1,6 +1,7 @@
 """UNet, attention and conditioning-encoder tests (tiny configs; one compiled init per config)."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -423,3 +424,27 @@ def test_call_time_errors(st_unet):
         jax.eval_shape(model.apply, params, X8, T, CTX[..., :8])
     with pytest.raises(ValueError, match="y"):
         jax.eval_shape(model.apply, params, X8, T, CTX, Y)
+
+
+def test_shared_x_batch_equals_tiled_inputs(st_unet, cls_unet):
+    """Conditions with 2B rows and x with B: the output is the tiled-input output (guided sampling's prefix
+    sharing); for a cross-attention UNet the layers before the first cross-attention run on B rows only."""
+    model, params, apply = st_unet
+    params = perturb(params)
+    ctx2 = jnp.concatenate([CTX, -CTX])
+    tiled = apply(params, jnp.concatenate([X8, X8]), jnp.concatenate([T, T]), ctx2)
+    shared = apply(params, X8, T, ctx2)
+    assert shared.shape == (4, 8, 8, 4)
+    np.testing.assert_allclose(shared, tiled, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(shared[:2] - shared[2:]).max()) > 1e-3  # the two halves do differ (different contexts)
+    jaxpr = str(jax.make_jaxpr(lambda x: model.apply(params, x, T, ctx2))(X8))
+    conv_batches = [int(b) for b in re.findall(r"f32\[(\d+),\d+,\d+,\d+\] = conv_general_dilated", jaxpr)]
+    # input conv, ResBlock (2 convs), Downsample, ResBlock (2 convs + skip) on B rows; the rest on 2B rows
+    assert conv_batches[:8] == [2] * 8 and set(conv_batches[8:]) == {4}
+    model, params, apply = cls_unet  # labels: tiled at the time embedding, so from the first ResBlock on
+    y2 = jnp.concatenate([Y, jnp.array([0, 0])])
+    np.testing.assert_allclose(apply(params, X8, T, y=y2),
+                               apply(params, jnp.concatenate([X8, X8]), jnp.concatenate([T, T]), y=y2),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of x's batch 2"):
+        model.apply(params, X8, T, y=jnp.array([1, 2, 3]))

@@ -174,7 +174,8 @@ class OursSide:
                     loss.block_until_ready()
             else:
                 sample = make_sample_fn(lambda p, x, t, c: model.apply({"params": p}, x, t, c), sched, "ddim",
-                                        steps=case["steps"], guidance=case["guidance"])
+                                        steps=case["steps"], guidance=case["guidance"],
+                                        shared_x=case.get("shared_x", True))
                 uncond = jnp.zeros_like(ctx)
                 fn = lambda p, c, u, k: sample(p, c, u, k, x0.shape)  # noqa: E731
                 compiled, rep = self._compile(fn, (params, ctx, uncond, key))

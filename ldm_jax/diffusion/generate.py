@@ -21,9 +21,12 @@ def make_sample_fn(
     guidance: float = 1.0,
     parameterization: str = "eps",
     spacing: str = "uniform",
+    shared_x: bool = False,
 ) -> Callable[..., jax.Array]:
     """Returns sample(params, cond, uncond, key, shape) -> latents. `apply_fn(params, x, t, cond)` is the
-    network; `uncond` is the null condition (ignored when guidance == 1). Validates names/ranges eagerly."""
+    network; `uncond` is the null condition (ignored when guidance == 1). Validates names/ranges eagerly.
+    shared_x: the network accepts x of batch B with conditions of batch 2B (UNetModel and LatentDiffusionModel
+    do), so guidance runs the condition-free layers once for both halves (classifier_free_guidance)."""
     sample_impl = get_sampler(sampler)
     if sampler != "ddpm" and not 1 <= steps <= sched.num_timesteps:
         raise ValueError(f"sampling.steps must be in [1, {sched.num_timesteps}], got {steps}")
@@ -43,7 +46,7 @@ def make_sample_fn(
         if uncond is None or guidance == 1.0:
             model_fn = lambda x, t: model_fn_cond(x, t, cond)  # noqa: E731
         else:
-            model_fn = classifier_free_guidance(model_fn_cond, cond, uncond, guidance)
+            model_fn = classifier_free_guidance(model_fn_cond, cond, uncond, guidance, shared_x)
         return sample_impl(model_fn, sched, shape, key, **kwargs, **extra)
 
     return sample

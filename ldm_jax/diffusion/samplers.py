@@ -200,8 +200,12 @@ def plms_sample(model_fn: ModelFn, sched: DiffusionSchedule, shape: tuple[int, .
 
 
 def classifier_free_guidance(model_fn_cond: Callable[[jnp.ndarray, jnp.ndarray, Any], jnp.ndarray],
-                             cond: Any, uncond: Any, scale: float) -> ModelFn:
-    """model_fn(x, t) = uncond + scale * (cond - uncond), both halves evaluated in one batch of 2B."""
+                             cond: Any, uncond: Any, scale: float, shared_x: bool = False) -> ModelFn:
+    """model_fn(x, t) = uncond + scale * (cond - uncond), both halves evaluated in one batch of 2B.
+
+    shared_x: pass x and t once (batch B) with the 2B conditions; for networks that accept that (UNetModel,
+    LatentDiffusionModel), the layers before the first use of the condition then run once for both halves.
+    """
     if isinstance(scale, (int, float, np.number)):
         if not np.isfinite(scale) or scale < 0:
             raise ValueError(f"sampling.guidance must be a finite number >= 0, got {scale}")
@@ -214,7 +218,10 @@ def classifier_free_guidance(model_fn_cond: Callable[[jnp.ndarray, jnp.ndarray, 
     )
 
     def guided(x: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
-        out = model_fn_cond(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), c_in)
+        if shared_x:
+            out = model_fn_cond(x, t, c_in)
+        else:
+            out = model_fn_cond(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), c_in)
         out_u, out_c = jnp.split(out, 2, axis=0)
         return out_u + scale * (out_c - out_u)
 

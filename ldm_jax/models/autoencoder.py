@@ -15,13 +15,15 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models.fast_ops import upsample_conv_general_dilated
+from ldm_jax.models.norms import GroupNorm
 from ldm_jax.models.quantizer import VectorQuantizer
 
 Dtype = Any
 
 
-def _norm(groups: int, name: str | None = None) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=groups, epsilon=1e-6, name=name)
+def _norm(groups: int, name: str | None = None) -> GroupNorm:
+    return GroupNorm(num_groups=groups, epsilon=1e-6, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -77,8 +79,9 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype, name="conv")(x)
+        # The 3x3 conv of the upsampled x, computed at the low resolution (models/fast_ops.upsample_conv).
+        return nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype, name="conv",
+                       conv_general_dilated=upsample_conv_general_dilated)(x)
 
 
 class Encoder(nn.Module):

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models.norms import GroupNorm
+
 _NORMS = ("batch", "group", "none")
 
 
@@ -36,7 +38,7 @@ class NLayerDiscriminator(nn.Module):
                                 scale_init=_scale_init, name=f"norm{i}")(x)
         if self.norm == "group":
             groups = math.gcd(32, x.shape[-1])  # 32 groups as elsewhere, fewer for tiny test widths
-            return nn.GroupNorm(num_groups=groups, epsilon=1e-5, scale_init=_scale_init, name=f"norm{i}")(x)
+            return GroupNorm(num_groups=groups, epsilon=1e-5, scale_init=_scale_init, name=f"norm{i}")(x)
         return x
 
     @nn.compact

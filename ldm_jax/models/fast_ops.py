@@ -29,7 +29,12 @@ def _attn_fwd_core(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> tu
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _attention_bhld(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-    return _attn_fwd_core(q, k, v, scale)[0]
+    # Without differentiation (sampling): normalise after the value product, (e @ v) / sum(e), which divides
+    # the (L x d) output instead of the (L x M) matrix (flash-attention's deferred normalisation).
+    logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32) * scale
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    out = jnp.matmul(e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype)
 
 
 def _attention_fwd(q, k, v, scale):
@@ -106,3 +111,37 @@ class FastDense(nn.Module):
 def dense_cls(attention_impl: str | None) -> type[nn.Module]:
     """The Dense layer that goes with an attention_impl: FastDense for "matmul", else nn.Dense."""
     return FastDense if attention_impl == "matmul" else nn.Dense
+
+
+# Nearest-neighbour x2 upsampling followed by a 3x3 convolution (padding 1), computed at the low resolution: output
+# pixel (2i + a, 2j + b) only sees the 2x2 input pixels around (i, j), so each of the four phases (a, b) is a 2x2
+# convolution whose kernel sums the 3x3 taps that land on the same input pixel. 4 instead of 9 multiply-adds per
+# output and input channel (2.25x fewer FLOPs), the same function up to float rounding, the same 3x3 parameters.
+# Phase 0: tap 0 reads input row i-1, taps 1 and 2 row i; phase 1: taps 0 and 1 read row i, tap 2 row i+1.
+_PHASE_ROWS = (((0,), (1, 2)), ((0, 1), (2,)))
+
+
+def _phase_kernel(w: jax.Array, a: int, b: int) -> jax.Array:
+    rows = [sum(w[t] for t in taps) for taps in _PHASE_ROWS[a]]  # 2 x (3, I, O)
+    return jnp.stack([jnp.stack([sum(r[t] for t in taps) for taps in _PHASE_ROWS[b]]) for r in rows])
+
+
+def upsample_conv(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:
+    """conv3x3(nearest_upsample_x2(x), kernel) with padding 1, NHWC / HWIO, without materialising the upsampled x."""
+    pads = ((1, 0), (0, 1))  # phase 0 reads rows i-1, i; phase 1 reads rows i, i+1
+    y = [[jax.lax.conv_general_dilated(x, _phase_kernel(kernel, a, b), (1, 1), (pads[a], pads[b]),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+          for b in (0, 1)] for a in (0, 1)]
+    n, h, w, _ = x.shape
+    out = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)  # (N, H, 2, W, 2, O)
+    return out.reshape(n, 2 * h, 2 * w, kernel.shape[-1])
+
+
+def upsample_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                                  dimension_numbers=None, feature_group_count=1, precision=None):
+    """For nn.Conv(conv_general_dilated=...) given the low-resolution input: the conv of its x2 nearest upsampling
+    (3x3 kernel, stride 1, padding 1 or SAME only)."""
+    pad_ok = padding == "SAME" or tuple(map(tuple, padding)) == ((1, 1), (1, 1))
+    if rhs.shape[:2] != (3, 3) or tuple(window_strides) != (1, 1) or feature_group_count != 1 or not pad_ok:
+        raise ValueError("upsample_conv: only 3x3 stride-1 convolutions with padding 1 are supported")
+    return upsample_conv(lhs, rhs, precision)

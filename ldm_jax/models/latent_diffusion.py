@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ldm_jax.models.attention import repeat_batch
 from ldm_jax.models.clip import CLIPTextTransformer, clip_kwargs
 from ldm_jax.models.conditioning import ClassEmbedder, SpatialRescaler, TransformerEmbedder
 from ldm_jax.models.unet import UNetModel, validate_unet_config
@@ -75,7 +76,7 @@ class LatentDiffusionModel(nn.Module):
             c = cond["concat"]
             if self._rescales:
                 c = self.rescaler(c)
-            x_t = jnp.concatenate([x_t, c.astype(x_t.dtype)], axis=-1)
+            x_t = jnp.concatenate([repeat_batch(x_t, c.shape[0]), c.astype(x_t.dtype)], axis=-1)
         y = cond["label"] if key == "adm" else None
         return self.unet(x_t, t, context=context, y=y, train=train)
 

@@ -13,8 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.attention import SpatialTransformer, attention
-from ldm_jax.models.fast_ops import dense_cls
+from ldm_jax.models.attention import SpatialTransformer, attention, repeat_batch
+from ldm_jax.models.fast_ops import dense_cls, upsample_conv_general_dilated
+from ldm_jax.models.norms import GroupNorm
 
 Dtype = Any
 REMAT_POLICIES = (None, "full", "dots_saveable", "nothing_saveable")
@@ -97,8 +98,7 @@ class GroupNorm32(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = nn.GroupNorm(num_groups=32, epsilon=self.epsilon, dtype=jnp.float32, name="norm")(x.astype(jnp.float32))
-        return y.astype(x.dtype)
+        return GroupNorm(num_groups=32, epsilon=self.epsilon, name="norm")(x)
 
 
 def _upsample_nearest(x: jax.Array) -> jax.Array:
@@ -130,10 +130,10 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = _upsample_nearest(x)
-        if self.use_conv:
-            x = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv")(x)
-        return x
+        if self.use_conv:  # the same 3x3 conv of the upsampled x, computed at the low resolution (fast_ops)
+            return nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv",
+                           conv_general_dilated=upsample_conv_general_dilated)(x)
+        return _upsample_nearest(x)
 
 
 class ResBlock(nn.Module):
@@ -148,14 +148,18 @@ class ResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
-        conv = lambda name, k, init=_default_kernel: nn.Conv(
-            self.out_channels, (k, k), padding="SAME", dtype=self.dtype, kernel_init=init, name=name
+        conv = lambda name, k, init=_default_kernel, fn=None: nn.Conv(
+            self.out_channels, (k, k), padding="SAME", dtype=self.dtype, kernel_init=init, name=name,
+            conv_general_dilated=fn,
         )
         h = nn.silu(GroupNorm32(name="in_norm")(x))
-        if self.up or self.down:  # resample both paths between the activation and the conv, as the reference
-            resample = _upsample_nearest if self.up else (lambda t: nn.avg_pool(t, (2, 2), strides=(2, 2)))
-            h, x = resample(h), resample(x)
-        h = conv("in_conv", 3)(h)
+        if self.up:  # resample both paths between the activation and the conv, as the reference; the conv of the
+            x = _upsample_nearest(x)  # upsampled h is computed at the low resolution (fast_ops.upsample_conv)
+            h = conv("in_conv", 3, fn=upsample_conv_general_dilated)(h)
+        else:
+            if self.down:
+                h, x = (nn.avg_pool(t, (2, 2), strides=(2, 2)) for t in (h, x))
+            h = conv("in_conv", 3)(h)
         k = 2 if self.use_scale_shift_norm else 1
         e = nn.Dense(k * self.out_channels, dtype=self.dtype, name="emb_proj")(nn.silu(emb.astype(self.dtype)))
         e = e[:, None, None, :]
@@ -296,7 +300,8 @@ class UNetModel(nn.Module):
     ) -> jax.Array:
         for layer in layers:
             if isinstance(layer, ResBlock):
-                h = layer(h, emb, train)
+                n = max(h.shape[0], emb.shape[0])  # label embeddings of a guided batch: tile h (see __call__)
+                h = layer(repeat_batch(h, n), repeat_batch(emb, n), train)
             elif isinstance(layer, SpatialTransformer):
                 h = layer(h, context)
             else:
@@ -311,7 +316,15 @@ class UNetModel(nn.Module):
         y: jax.Array | None = None,
         train: bool = False,
     ) -> jax.Array:
-        """Predict (B, H, W, out_channels) float32 from x (B, H, W, in_channels) and timesteps (B,)."""
+        """Predict (N, H, W, out_channels) float32 from x (B, H, W, in_channels) and timesteps (B,).
+
+        N = B, or N = k*B when the context / labels have k*B rows: the output is then that of x and timesteps
+        tiled k times ([x; x] for a guided batch [uncond; cond]), but the layers before the first use of the
+        condition run on B rows only (for a cross-attention UNet: everything up to the first cross-attention).
+        """
+        n = max([x.shape[0]] + [c.shape[0] for c in (context, y) if c is not None])
+        if n % x.shape[0]:
+            raise ValueError(f"context/labels batch {n} must be a multiple of x's batch {x.shape[0]}")
         if self.num_classes is not None and y is None:
             raise ValueError("y: class labels are required when num_classes is set")
         if self.num_classes is None and y is not None:
@@ -324,13 +337,15 @@ class UNetModel(nn.Module):
             context = context.astype(self.dtype)
         emb = self.time_embed_2(nn.silu(self.time_embed_0(timestep_embedding(timesteps, self.model_channels))))
         if self.num_classes is not None:
-            emb = emb + self.label_emb(y)
+            emb = repeat_batch(emb, n) + self.label_emb(y)
         h, hs = x.astype(self.dtype), []
         for layers in self.input_blocks:
             h = self._run(layers, h, emb, context, train)
             hs.append(h)
         h = self._run(self.middle_block, h, emb, context, train)
         for layers in self.output_blocks:
-            h = self._run(layers, jnp.concatenate([h, hs.pop()], axis=-1), emb, context, train)
-        h = nn.silu(self.out_norm(h.astype(jnp.float32)))
+            skip = hs.pop()
+            h = self._run(layers, jnp.concatenate([repeat_batch(h, max(h.shape[0], skip.shape[0])),
+                                                   repeat_batch(skip, h.shape[0])], axis=-1), emb, context, train)
+        h = nn.silu(self.out_norm(repeat_batch(h, n).astype(jnp.float32)))
         return self.out_conv(h)
