@@ -32,6 +32,12 @@ def repeat_batch(x: jax.Array, n: int) -> jax.Array:
     return jnp.concatenate([x] * (n // b), axis=0)
 
 
+def match_batch(*xs: jax.Array) -> list[jax.Array]:
+    """The arrays tiled (repeat_batch) to the largest batch among them."""
+    n = max(x.shape[0] for x in xs)
+    return [repeat_batch(x, n) for x in xs]
+
+
 _CUDNN_BLOCK = 64  # cuDNN flash attention wants sequence lengths in multiples of this (e.g. text length 77)
 
 

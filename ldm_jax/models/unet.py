@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.attention import SpatialTransformer, attention, repeat_batch
+from ldm_jax.models.attention import SpatialTransformer, attention, match_batch, repeat_batch
 from ldm_jax.models.fast_ops import dense_cls, upsample_conv_general_dilated
 from ldm_jax.models.norms import GroupNorm
 
@@ -300,8 +300,7 @@ class UNetModel(nn.Module):
     ) -> jax.Array:
         for layer in layers:
             if isinstance(layer, ResBlock):
-                n = max(h.shape[0], emb.shape[0])  # label embeddings of a guided batch: tile h (see __call__)
-                h = layer(repeat_batch(h, n), repeat_batch(emb, n), train)
+                h = layer(*match_batch(h, emb), train)  # label embeddings of a guided batch: tile h (__call__)
             elif isinstance(layer, SpatialTransformer):
                 h = layer(h, context)
             else:
@@ -344,8 +343,6 @@ class UNetModel(nn.Module):
             hs.append(h)
         h = self._run(self.middle_block, h, emb, context, train)
         for layers in self.output_blocks:
-            skip = hs.pop()
-            h = self._run(layers, jnp.concatenate([repeat_batch(h, max(h.shape[0], skip.shape[0])),
-                                                   repeat_batch(skip, h.shape[0])], axis=-1), emb, context, train)
+            h = self._run(layers, jnp.concatenate(match_batch(h, hs.pop()), axis=-1), emb, context, train)
         h = nn.silu(self.out_norm(repeat_batch(h, n).astype(jnp.float32)))
         return self.out_conv(h)
