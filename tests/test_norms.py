@@ -79,3 +79,24 @@ def test_gelu_is_the_exact_erf_gelu():
     np.testing.assert_allclose(gelu(x), xs * phi_cdf, rtol=1e-5, atol=1e-6)
     dgelu = jax.vmap(jax.grad(gelu))(x)
     np.testing.assert_allclose(dgelu, phi_cdf + xs * np.exp(-0.5 * xs**2) / sqrt(2 * pi), rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_of_channel_parts_with_shared_rows():
+    """A list of channel parts (rows 2B and B, the latter tiled) normalises like the concatenated input, with the
+    same params; parts that cut through a group are refused."""
+    rng = np.random.default_rng(2)
+    a = jnp.asarray(rng.normal(1.0, 2.0, size=(4, 3, 3, 40)), jnp.float32)  # groups of 3 at 96 channels / 32
+    b = jnp.asarray(rng.normal(-1.0, 0.5, size=(2, 3, 3, 56)), jnp.float32)
+    mod = GroupNorm(num_groups=32, epsilon=1e-6)
+    whole = jnp.concatenate([a, jnp.concatenate([b, b])], axis=-1)
+    p = {"params": {"scale": jnp.asarray(rng.normal(size=96), jnp.float32),
+                    "bias": jnp.asarray(rng.normal(size=96), jnp.float32)}}
+    with pytest.raises(ValueError, match=r"parts \[40, 56\] do not split at the groups of 3"):
+        mod.apply(p, [a, b])
+    a2, b2 = jnp.concatenate([a, jnp.concatenate([b, b])[..., :2]], axis=-1), b[..., 2:]  # 42 + 54 channels
+    assert jax.tree.structure(mod.init(jax.random.key(0), [a2, b2])) == jax.tree.structure(p)
+    ya, yb = mod.apply(p, [a2, b2])
+    assert ya.shape == (4, 3, 3, 42) and yb.shape == (2, 3, 3, 54)
+    want = _np_group_norm(whole, p["params"]["scale"], p["params"]["bias"], 32, 1e-6)
+    np.testing.assert_allclose(ya, want[..., :42], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jnp.concatenate([yb, yb]), want[..., 42:], rtol=1e-5, atol=1e-5)

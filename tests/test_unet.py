@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.models.attention import CrossAttention, SpatialTransformer, padded_attention
-from ldm_jax.models.unet import ResBlock, UNetModel, timestep_embedding, validate_unet_config
+from ldm_jax.models.unet import ResBlock, UNetModel, skip_parts, timestep_embedding, validate_unet_config
 
 # rbg keys: XLA compiles the many per-parameter threefry samplers of an init several times slower on CPU.
 KEY = jax.random.key(0, impl="rbg")
@@ -439,8 +439,9 @@ def test_shared_x_batch_equals_tiled_inputs(st_unet, cls_unet):
     assert float(jnp.abs(shared[:2] - shared[2:]).max()) > 1e-3  # the two halves do differ (different contexts)
     jaxpr = str(jax.make_jaxpr(lambda x: model.apply(params, x, T, ctx2))(X8))
     conv_batches = [int(b) for b in re.findall(r"f32\[(\d+),\d+,\d+,\d+\] = conv_general_dilated", jaxpr)]
-    # input conv, ResBlock (2 convs), Downsample, ResBlock (2 convs + skip) on B rows; the rest on 2B rows
-    assert conv_batches[:8] == [2] * 8 and set(conv_batches[8:]) == {4}
+    # input conv, ResBlock (2 convs), Downsample, ResBlock (2 convs + skip) on B rows; then 2B rows, except the
+    # shared skip connections' parts of three output ResBlocks' in_conv and 1x1 skip conv (skip_parts)
+    assert conv_batches[:8] == [2] * 8 and conv_batches[8:].count(2) == 6 and set(conv_batches[8:]) == {2, 4}
     model, params, apply = cls_unet  # labels: tiled at the time embedding, so from the first ResBlock on
     y2 = jnp.concatenate([Y, jnp.array([0, 0])])
     np.testing.assert_allclose(apply(params, X8, T, y=y2),
@@ -448,3 +449,25 @@ def test_shared_x_batch_equals_tiled_inputs(st_unet, cls_unet):
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="multiple of x's batch 2"):
         model.apply(params, X8, T, y=jnp.array([1, 2, 3]))
+
+
+def test_resblock_on_skip_parts_equals_resblock_on_the_concatenation():
+    """skip_parts(h, skip) with a skip of fewer rows: the split moves to h's last GroupNorm group, and ResBlock
+    gives the output of the tiled concatenation with the same params (also the same init) and 1x1 skip conv."""
+    rng = np.random.default_rng(3)
+    h = jnp.asarray(rng.normal(size=(4, 6, 6, 40)), jnp.float32)
+    skip = jnp.asarray(rng.normal(size=(2, 6, 6, 56)), jnp.float32)
+    whole = jnp.concatenate([h, jnp.concatenate([skip, skip])], axis=-1)
+    parts = skip_parts(h, skip)  # 96 channels in groups of 3: h's last group takes 2 skip channels
+    assert isinstance(parts, tuple) and [p.shape for p in parts] == [(4, 6, 6, 42), (2, 6, 6, 54)]
+    np.testing.assert_array_equal(skip_parts(h, jnp.concatenate([skip, skip])), whole)  # same rows: a concat
+    emb = jnp.asarray(rng.normal(size=(4, 16)), jnp.float32)
+    block = ResBlock(64)
+    p_whole = block.init(jax.random.key(0), whole, emb)
+    p_parts = block.init(jax.random.key(0), parts, emb)
+    assert jax.tree.map(jnp.shape, p_whole) == jax.tree.map(jnp.shape, p_parts)
+    np.testing.assert_array_equal(p_whole["params"]["skip"]["kernel"], p_parts["params"]["skip"]["kernel"])
+    p = perturb(p_whole)  # out_conv is zero-initialised
+    np.testing.assert_allclose(block.apply(p, parts, emb), block.apply(p, whole, emb), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="only supported without up/down"):
+        ResBlock(64, up=True).init(jax.random.key(0), parts, emb)

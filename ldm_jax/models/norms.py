@@ -10,6 +10,7 @@ in float32 whatever the input dtype. The backward is the closed-form GroupNorm g
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -73,11 +74,24 @@ class GroupNorm(nn.Module):
     bias_init: Any = nn.initializers.zeros
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
+    def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array | list[jax.Array]:
+        """x (N, ..., C); or a list of channel parts of that input (rows may differ, e.g. a guided batch's shared
+        skip connection), each a whole number of groups: their normalised parts, as a list."""
+        split = isinstance(x, (list, tuple))
+        parts = list(x) if split else [x]
+        c = sum(p.shape[-1] for p in parts)
         if c % self.num_groups:
             raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
+        size = c // self.num_groups
+        if any(p.shape[-1] % size for p in parts):
+            raise ValueError(f"GroupNorm: channel parts {[p.shape[-1] for p in parts]} do not split at the groups "
+                             f"of {size} channels")
         scale = self.param("scale", self.scale_init, (c,), jnp.float32)
         bias = self.param("bias", self.bias_init, (c,), jnp.float32)
-        y = group_norm(x, scale, bias, self.num_groups, self.epsilon)
-        return y.astype(self.dtype or x.dtype)
+        out, start = [], 0
+        for p in parts:  # groups are independent: each part is normalised with its own slice of scale and bias
+            stop = start + p.shape[-1]
+            sc, bi = (scale, bias) if len(parts) == 1 else (scale[start:stop], bias[start:stop])
+            out.append(group_norm(p, sc, bi, p.shape[-1] // size, self.epsilon).astype(self.dtype or p.dtype))
+            start = stop
+        return out if split else out[0]

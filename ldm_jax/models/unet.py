@@ -136,6 +136,44 @@ class Upsample(nn.Module):
         return _upsample_nearest(x)
 
 
+class ChannelPartsConv(nn.Module):
+    """nn.Conv (the same params, init and function; stride 1, SAME padding) of an input given as channel parts whose
+    rows may differ (B or k*B, see `skip_parts`): the sum of each part's conv with its slice of the kernel, computed
+    on the part's own rows and then tiled, plus the bias."""
+
+    features: int
+    kernel_size: int
+    dtype: Dtype = jnp.float32
+    kernel_init: Any = _default_kernel
+
+    @nn.compact
+    def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
+        k, c = self.kernel_size, sum(p.shape[-1] for p in parts)
+        kernel = self.param("kernel", self.kernel_init, (k, k, c, self.features), jnp.float32).astype(self.dtype)
+        bias = self.param("bias", _zeros, (self.features,), jnp.float32).astype(self.dtype)
+        n, out, start = max(p.shape[0] for p in parts), None, 0
+        for p in parts:
+            y = jax.lax.conv_general_dilated(p.astype(self.dtype), kernel[:, :, start:start + p.shape[-1]], (1, 1),
+                                             "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            out = repeat_batch(y, n) if out is None else out + repeat_batch(y, n)
+            start += p.shape[-1]
+        return out + bias
+
+
+def skip_parts(h: jax.Array, skip: jax.Array, groups: int = 32) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The output blocks' input concat([h, skip], channels). When the skip has fewer rows than h (a guided batch
+    [uncond; cond] shares the condition-free input blocks), it is returned as two channel parts instead: h with
+    the skip channels that share h's last GroupNorm group (tiled to h's rows), and the rest of the skip on its own
+    rows, so that the ResBlock normalises and convolves that rest once per x (exact: groups are independent and
+    a convolution is a sum over its input channels)."""
+    if skip.shape[0] >= h.shape[0]:
+        return jnp.concatenate(match_batch(h, skip), axis=-1)
+    size = (h.shape[-1] + skip.shape[-1]) // groups
+    s = -h.shape[-1] % size if size else 0
+    head = jnp.concatenate([h, repeat_batch(skip[..., :s], h.shape[0])], axis=-1) if s else h
+    return (head, skip[..., s:]) if s < skip.shape[-1] else head
+
+
 class ResBlock(nn.Module):
     """GN-SiLU-conv, + time-embedding projection (or scale-shift), GN-SiLU-dropout-zero conv, + skip."""
 
@@ -147,19 +185,27 @@ class ResBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array | tuple[jax.Array, ...], emb: jax.Array, train: bool = False) -> jax.Array:
+        """x (N, H, W, C), or a tuple of its channel parts from `skip_parts` (rows N or fewer); emb (N, D)."""
         conv = lambda name, k, init=_default_kernel, fn=None: nn.Conv(
             self.out_channels, (k, k), padding="SAME", dtype=self.dtype, kernel_init=init, name=name,
             conv_general_dilated=fn,
         )
-        h = nn.silu(GroupNorm32(name="in_norm")(x))
-        if self.up:  # resample both paths between the activation and the conv, as the reference; the conv of the
-            x = _upsample_nearest(x)  # upsampled h is computed at the low resolution (fast_ops.upsample_conv)
-            h = conv("in_conv", 3, fn=upsample_conv_general_dilated)(h)
+        parts = x if isinstance(x, tuple) else None
+        if parts is not None:  # the input conv of each part on its own rows (skip_parts)
+            if self.up or self.down:
+                raise ValueError("ResBlock: channel-part inputs are only supported without up/down sampling")
+            hs = GroupNorm32(name="in_norm")(parts)
+            h = ChannelPartsConv(self.out_channels, 3, self.dtype, name="in_conv")([nn.silu(t) for t in hs])
         else:
-            if self.down:
-                h, x = (nn.avg_pool(t, (2, 2), strides=(2, 2)) for t in (h, x))
-            h = conv("in_conv", 3)(h)
+            h = nn.silu(GroupNorm32(name="in_norm")(x))
+            if self.up:  # resample both paths between the activation and the conv, as the reference; the conv of
+                x = _upsample_nearest(x)  # the upsampled h is computed at the low resolution (fast_ops.upsample_conv)
+                h = conv("in_conv", 3, fn=upsample_conv_general_dilated)(h)
+            else:
+                if self.down:
+                    h, x = (nn.avg_pool(t, (2, 2), strides=(2, 2)) for t in (h, x))
+                h = conv("in_conv", 3)(h)
         k = 2 if self.use_scale_shift_norm else 1
         e = nn.Dense(k * self.out_channels, dtype=self.dtype, name="emb_proj")(nn.silu(emb.astype(self.dtype)))
         e = e[:, None, None, :]
@@ -170,6 +216,10 @@ class ResBlock(nn.Module):
             h = GroupNorm32(name="out_norm")(h + e)
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
         h = conv("out_conv", 3, _zeros)(h)
+        if parts is not None:
+            if sum(t.shape[-1] for t in parts) != self.out_channels:
+                return ChannelPartsConv(self.out_channels, 1, self.dtype, name="skip")(parts) + h
+            x = jnp.concatenate(match_batch(*parts), axis=-1)
         if x.shape[-1] != self.out_channels:
             x = conv("skip", 1)(x)
         return x + h
@@ -293,14 +343,17 @@ class UNetModel(nn.Module):
     def _run(
         self,
         layers: Sequence[nn.Module],
-        h: jax.Array,
+        h: jax.Array | tuple[jax.Array, ...],
         emb: jax.Array,
         context: jax.Array | None,
         train: bool,
     ) -> jax.Array:
         for layer in layers:
             if isinstance(layer, ResBlock):
-                h = layer(*match_batch(h, emb), train)  # label embeddings of a guided batch: tile h (__call__)
+                if isinstance(h, tuple):  # skip_parts: the first part has the most rows
+                    h = layer(h, repeat_batch(emb, h[0].shape[0]), train)
+                else:
+                    h = layer(*match_batch(h, emb), train)  # label embeddings of a guided batch: tile h (__call__)
             elif isinstance(layer, SpatialTransformer):
                 h = layer(h, context)
             else:
@@ -343,6 +396,6 @@ class UNetModel(nn.Module):
             hs.append(h)
         h = self._run(self.middle_block, h, emb, context, train)
         for layers in self.output_blocks:
-            h = self._run(layers, jnp.concatenate(match_batch(h, hs.pop()), axis=-1), emb, context, train)
+            h = self._run(layers, skip_parts(h, hs.pop()), emb, context, train)
         h = nn.silu(self.out_norm(repeat_batch(h, n).astype(jnp.float32)))
         return self.out_conv(h)
