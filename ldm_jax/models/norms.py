@@ -91,7 +91,7 @@ class GroupNorm(nn.Module):
         out, start = [], 0
         for p in parts:  # groups are independent: each part is normalised with its own slice of scale and bias
             stop = start + p.shape[-1]
-            sc, bi = (scale, bias) if len(parts) == 1 else (scale[start:stop], bias[start:stop])
-            out.append(group_norm(p, sc, bi, p.shape[-1] // size, self.epsilon).astype(self.dtype or p.dtype))
+            y = group_norm(p, scale[start:stop], bias[start:stop], p.shape[-1] // size, self.epsilon)
+            out.append(y.astype(self.dtype or p.dtype))
             start = stop
         return out if split else out[0]
