@@ -35,7 +35,8 @@ def test_group_norm_matches_numpy_and_flax(shape, groups):
     np.testing.assert_allclose(ref_mod.apply(p, x), want, rtol=1e-4, atol=1e-4)
 
 
-def test_group_norm_gradients_match_autodiff():
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_gradients_match_autodiff(silu):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(0.5, 2.0, size=(2, 6, 6, 64)), jnp.float32)
     r = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
@@ -46,15 +47,31 @@ def test_group_norm_gradients_match_autodiff():
         xg = x.reshape(2, -1, 32, 2)
         mean = xg.mean(axis=(1, 3), keepdims=True)
         var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
-        return ((xg - mean) * jax.lax.rsqrt(var + 1e-5)).reshape(x.shape) * scale + bias
+        y = ((xg - mean) * jax.lax.rsqrt(var + 1e-5)).reshape(x.shape) * scale + bias
+        return y * jax.nn.sigmoid(y) if silu else y
 
     def loss(f):
         return lambda x, s, b: jnp.sum(jnp.sin(f(x, s, b)) * r)
 
     want = jax.grad(loss(autodiff_gn), (0, 1, 2))(x, scale, bias)
-    got = jax.grad(loss(lambda x, s, b: group_norm(x, s, b, 32, 1e-5)), (0, 1, 2))(x, scale, bias)
+    got = jax.grad(loss(lambda x, s, b: group_norm(x, s, b, 32, 1e-5, silu)), (0, 1, 2))(x, scale, bias)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()))
+
+
+def test_group_norm_with_silu_matches_numpy_and_saturates():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(-1.0, 4.0, size=(2, 3, 5, 64)), jnp.float32)
+    scale = jnp.asarray(rng.normal(0, 30.0, size=64), jnp.float32)  # large: normalised values reach +-100
+    bias = jnp.asarray(rng.normal(size=64), jnp.float32)
+    p = {"params": {"scale": scale, "bias": bias}}
+    y = _np_group_norm(x, scale, bias, 32, 1e-6)
+    want = y / (1 + np.exp(-y))  # silu in float64
+    got = GroupNorm(32, epsilon=1e-6, silu=True).apply(p, x)
+    assert np.all(np.isfinite(got)) and float(np.abs(y).max()) > 80
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    grads = jax.grad(lambda x: jnp.sum(group_norm(x, scale, bias, 32, 1e-6, True)))(x)
+    assert np.all(np.isfinite(grads))
 
 
 def test_group_norm_dtype_and_errors():

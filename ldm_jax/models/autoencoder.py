@@ -22,8 +22,8 @@ from ldm_jax.models.quantizer import VectorQuantizer
 Dtype = Any
 
 
-def _norm(groups: int, name: str | None = None) -> GroupNorm:
-    return GroupNorm(num_groups=groups, epsilon=1e-6, name=name)
+def _norm(groups: int, name: str | None = None, swish: bool = False) -> GroupNorm:
+    return GroupNorm(num_groups=groups, epsilon=1e-6, silu=swish, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -36,9 +36,9 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        h = nn.swish(_norm(self.groups, "norm1")(x))
+        h = _norm(self.groups, "norm1", swish=True)(x)
         h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv1")(h)
-        h = nn.swish(_norm(self.groups, "norm2")(h))
+        h = _norm(self.groups, "norm2", swish=True)(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
@@ -113,7 +113,7 @@ class Encoder(nn.Module):
                 h = Downsample(self.dtype, name=f"down_{i}_downsample")(h)
                 res //= 2
         h = _mid_block(h, self.dropout, self.mid_attn, self.dtype, g, train)
-        h = nn.swish(_norm(g, "norm_out")(h))
+        h = _norm(g, "norm_out", swish=True)(h)
         out_ch = 2 * self.z_channels if self.double_z else self.z_channels
         return nn.Conv(out_ch, (3, 3), dtype=self.dtype, name="conv_out")(h)
 
@@ -149,7 +149,7 @@ class Decoder(nn.Module):
             if i != 0:
                 h = Upsample(self.dtype, name=f"up_{i}_upsample")(h)
                 res *= 2
-        h = nn.swish(_norm(g, "norm_out")(h))
+        h = _norm(g, "norm_out", swish=True)(h)
         out = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name="conv_out")(h)
         return (out, h) if return_features else out
 

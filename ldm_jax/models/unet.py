@@ -92,13 +92,15 @@ def validate_unet_config(
 
 
 class GroupNorm32(nn.Module):
-    """GroupNorm(32 groups, eps 1e-5) computed in float32, result cast back to the input dtype."""
+    """GroupNorm(32 groups, eps 1e-5) computed in float32, result cast back to the input dtype; then SiLU if
+    `silu` (fused into the norm's VJP)."""
 
     epsilon: float = 1e-5
+    silu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return GroupNorm(num_groups=32, epsilon=self.epsilon, name="norm")(x)
+        return GroupNorm(num_groups=32, epsilon=self.epsilon, silu=self.silu, name="norm")(x)
 
 
 def _upsample_nearest(x: jax.Array) -> jax.Array:
@@ -195,10 +197,10 @@ class ResBlock(nn.Module):
         if parts is not None:  # the input conv of each part on its own rows (skip_parts)
             if self.up or self.down:
                 raise ValueError("ResBlock: channel-part inputs are only supported without up/down sampling")
-            hs = GroupNorm32(name="in_norm")(parts)
-            h = ChannelPartsConv(self.out_channels, 3, self.dtype, name="in_conv")([nn.silu(t) for t in hs])
+            hs = GroupNorm32(silu=True, name="in_norm")(parts)
+            h = ChannelPartsConv(self.out_channels, 3, self.dtype, name="in_conv")(hs)
         else:
-            h = nn.silu(GroupNorm32(name="in_norm")(x))
+            h = GroupNorm32(silu=True, name="in_norm")(x)
             if self.up:  # resample both paths between the activation and the conv, as the reference; the conv of
                 x = _upsample_nearest(x)  # the upsampled h is computed at the low resolution (fast_ops.upsample_conv)
                 h = conv("in_conv", 3, fn=upsample_conv_general_dilated)(h)
@@ -211,10 +213,10 @@ class ResBlock(nn.Module):
         e = e[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(e, 2, axis=-1)
-            h = GroupNorm32(name="out_norm")(h) * (1 + scale) + shift
+            h = nn.silu(GroupNorm32(name="out_norm")(h) * (1 + scale) + shift)
         else:
-            h = GroupNorm32(name="out_norm")(h + e)
-        h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+            h = GroupNorm32(silu=True, name="out_norm")(h + e)
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = conv("out_conv", 3, _zeros)(h)
         if parts is not None:
             if sum(t.shape[-1] for t in parts) != self.out_channels:
@@ -337,7 +339,7 @@ class UNetModel(nn.Module):
                     ds //= 2
                 outputs.append(layers)
         self.output_blocks = outputs
-        self.out_norm = GroupNorm32()
+        self.out_norm = GroupNorm32(silu=True)
         self.out_conv = nn.Conv(self.out_channels, (3, 3), padding="SAME", kernel_init=_zeros)
 
     def _run(
@@ -397,5 +399,5 @@ class UNetModel(nn.Module):
         h = self._run(self.middle_block, h, emb, context, train)
         for layers in self.output_blocks:
             h = self._run(layers, skip_parts(h, hs.pop()), emb, context, train)
-        h = nn.silu(self.out_norm(repeat_batch(h, n).astype(jnp.float32)))
+        h = self.out_norm(repeat_batch(h, n).astype(jnp.float32))
         return self.out_conv(h)
