@@ -124,3 +124,23 @@ def test_upsample_conv_equals_conv_of_nearest_upsampling():
                                    rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="3x3 stride-1"):
         nn.Conv(4, (5, 5), conv_general_dilated=upsample_conv_general_dilated).init(jax.random.key(0), x)
+
+
+def test_pointwise_conv_equals_1x1_conv_with_the_same_params():
+    from ldm_jax.models.fast_ops import pointwise_conv_general_dilated
+
+    x = jax.random.normal(jax.random.key(10), (2, 3, 5, 6))
+    fast = nn.Conv(4, (1, 1), conv_general_dilated=pointwise_conv_general_dilated)
+    ref = nn.Conv(4, (1, 1))
+    p = ref.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, fast.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, p)
+    p = {"params": {"kernel": jax.random.normal(jax.random.key(11), (1, 1, 6, 4)), "bias": jnp.arange(4.0)}}
+    w = np.asarray(p["params"]["kernel"], np.float64)[0, 0]
+    want = np.einsum("nhwi,io->nhwo", np.asarray(x, np.float64), w) + np.arange(4.0)  # float64 reference
+    np.testing.assert_allclose(fast.apply(p, x), want, rtol=1e-5, atol=1e-5)
+    r = jax.random.normal(jax.random.key(12), want.shape)
+    grad = lambda m: jax.grad(lambda p, x: jnp.sum(m.apply(p, x) * r), (0, 1))(p, x)  # noqa: E731
+    for a, b in zip(jax.tree.leaves(grad(fast)), jax.tree.leaves(grad(ref)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="1x1 stride-1"):
+        nn.Conv(4, (3, 3), conv_general_dilated=pointwise_conv_general_dilated).init(jax.random.key(0), x)

@@ -151,3 +151,17 @@ def upsample_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilatio
     if rhs.shape[:2] != (3, 3) or tuple(window_strides) != (1, 1) or feature_group_count != 1 or not pad_ok:
         raise ValueError("upsample_conv: only 3x3 stride-1 convolutions with padding 1 are supported")
     return upsample_conv(lhs, rhs, precision)
+
+
+def pointwise_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                                   dimension_numbers=None, feature_group_count=1, precision=None):
+    """For nn.Conv(conv_general_dilated=...) with a 1x1 kernel: the same product as `dense_matmul` (NHWC input,
+    HWIO kernel). Its weight gradient is one dot over the rows, where XLA:CPU's convolution gradient first
+    transposed both operands to a batch-minor layout (e.g. 8x32x32x288 per UNet skip connection)."""
+    plain = all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+    if rhs.shape[:2] != (1, 1) or tuple(window_strides) != (1, 1) or feature_group_count != 1 or not plain:
+        raise ValueError("pointwise_conv: only 1x1 stride-1 undilated convolutions are supported")
+    if precision is not None:
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, dimension_numbers=dimension_numbers,
+                                            precision=precision)
+    return dense_matmul(lhs, rhs[0, 0])

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.models.attention import SpatialTransformer, attention, match_batch, repeat_batch
-from ldm_jax.models.fast_ops import dense_cls, upsample_conv_general_dilated
+from ldm_jax.models.fast_ops import dense_cls, pointwise_conv_general_dilated, upsample_conv_general_dilated
 from ldm_jax.models.norms import GroupNorm
 
 Dtype = Any
@@ -223,7 +223,7 @@ class ResBlock(nn.Module):
                 return ChannelPartsConv(self.out_channels, 1, self.dtype, name="skip")(parts) + h
             x = jnp.concatenate(match_batch(*parts), axis=-1)
         if x.shape[-1] != self.out_channels:
-            x = conv("skip", 1)(x)
+            x = conv("skip", 1, fn=pointwise_conv_general_dilated)(x)
         return x + h
 
 
