@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.models.attention import gelu
-from ldm_jax.models.norms import GroupNorm, group_norm
+from ldm_jax.models.norms import GroupNorm, LayerNorm, group_norm
 
 
 def _np_group_norm(x, scale, bias, groups, eps):
@@ -117,3 +117,23 @@ def test_group_norm_of_channel_parts_with_shared_rows():
     want = _np_group_norm(whole, p["params"]["scale"], p["params"]["bias"], 32, 1e-6)
     np.testing.assert_allclose(ya, want[..., :42], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jnp.concatenate([yb, yb]), want[..., 42:], rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_matches_numpy_and_flax_with_autodiff_gradients():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(2.0, 3.0, size=(2, 7, 48)), jnp.float32)  # offset mean: catches one-pass variance
+    r = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    mod, ref = LayerNorm(epsilon=1e-5), nn.LayerNorm(epsilon=1e-5)
+    p = mod.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, p) == jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x))
+    p = {"params": {"scale": jnp.asarray(rng.normal(size=48), jnp.float32),
+                    "bias": jnp.asarray(rng.normal(size=48), jnp.float32)}}
+    x64 = np.asarray(x, np.float64)
+    xhat = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    want = xhat * np.asarray(p["params"]["scale"]) + np.asarray(p["params"]["bias"])
+    np.testing.assert_allclose(mod.apply(p, x), want, rtol=1e-5, atol=1e-5)
+    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)) * r)  # noqa: E731
+    got, exp = jax.grad(loss(mod), (0, 1))(p, x), jax.grad(loss(ref), (0, 1))(p, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(exp), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()))
+    assert LayerNorm(dtype=jnp.bfloat16).apply(p, x).dtype == jnp.bfloat16

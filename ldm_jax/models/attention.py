@@ -5,14 +5,15 @@ Semantics follow the reference ldm/modules/attention.py; layout is NHWC and toke
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.fast_ops import dense_cls, matmul_attention
-from ldm_jax.models.norms import GroupNorm
+from ldm_jax.models.fast_ops import dense_cls, matmul_attention, pointwise_conv_general_dilated
+from ldm_jax.models.norms import GroupNorm, LayerNorm
 
 Dtype = Any
 
@@ -155,7 +156,7 @@ class BasicTransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
-        ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
+        ln = lambda name: LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
         attn = lambda name, ctx_dim: CrossAttention(
             self.dim, ctx_dim, self.n_heads, self.d_head, self.dtype, self.attention_impl, name=name
         )
@@ -187,7 +188,9 @@ class SpatialTransformer(nn.Module):
         inner = self.n_heads * self.d_head
         # Norm statistics in float32 (autocast runs group_norm in fp32 in the reference too).
         y = GroupNorm(num_groups=32, epsilon=1e-6, dtype=jnp.float32, name="norm")(x)
-        y = nn.Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(y.astype(self.dtype))
+        conv1x1 = functools.partial(nn.Conv, kernel_size=(1, 1), dtype=self.dtype,
+                                    conv_general_dilated=pointwise_conv_general_dilated)
+        y = conv1x1(inner, name="proj_in")(y.astype(self.dtype))
         y = y.reshape(b, h * w, inner)
         for i in range(self.depth):
             y = BasicTransformerBlock(
@@ -200,5 +203,5 @@ class SpatialTransformer(nn.Module):
                 name=f"transformer_blocks_{i}",
             )(y, context)
         y = y.reshape(y.shape[0], h, w, inner)  # y may have the context's (k times larger) batch
-        y = nn.Conv(c, (1, 1), dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(y)
+        y = conv1x1(c, kernel_init=nn.initializers.zeros, name="proj_out")(y)
         return repeat_batch(x, y.shape[0]) + y.astype(x.dtype)
