@@ -80,7 +80,9 @@ def _group_norm_bwd(groups, eps, silu, res, dy):
     dz = dy.reshape(x3.shape).astype(jnp.float32)
     if silu:  # recomputed from x: cheaper than keeping the pre-activation
         z = x3 * a[:, None, :] + b[:, None, :]
-        s = jax.nn.sigmoid(z)
+        # sigmoid via tanh: not the forward's exp(-z), which XLA would otherwise share (CSE) between the passes
+        # and so keep as one more full-size array
+        s = 0.5 + 0.5 * jnp.tanh(0.5 * z)
         dz = dz * (s * (1 + z * (1 - s)))
     gamma = scale.astype(jnp.float32)
     count = x3.shape[1] * (c // groups)
