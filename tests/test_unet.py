@@ -439,9 +439,12 @@ def test_shared_x_batch_equals_tiled_inputs(st_unet, cls_unet):
     assert float(jnp.abs(shared[:2] - shared[2:]).max()) > 1e-3  # the two halves do differ (different contexts)
     jaxpr = str(jax.make_jaxpr(lambda x: model.apply(params, x, T, ctx2))(X8))
     conv_batches = [int(b) for b in re.findall(r"f32\[(\d+),\d+,\d+,\d+\] = conv_general_dilated", jaxpr)]
-    # input conv, ResBlock (2 convs), Downsample, ResBlock (2 convs + skip) on B rows; then 2B rows, except the
-    # shared skip connections' parts of three output ResBlocks' in_conv and 1x1 skip conv (skip_parts)
-    assert conv_batches[:8] == [2] * 8 and conv_batches[8:].count(2) == 6 and set(conv_batches[8:]) == {2, 4}
+    # input conv, ResBlock (2 convs), Downsample, ResBlock (2 convs) on B rows; then 2B rows, except the shared
+    # skip connections' parts of three output ResBlocks' in_conv and 1x1 skip conv (skip_parts)
+    assert conv_batches[:6] == [2] * 6 and conv_batches[6:].count(2) == 6 and set(conv_batches[6:]) == {2, 4}
+    # 1x1 convs are dots (fast_ops.pointwise_conv_general_dilated): that ResBlock's skip and the first proj_in on B
+    pointwise_batches = [int(b) for b in re.findall(r"f32\[(\d+),\d+,\d+,\d+\] = dot_general", jaxpr)]
+    assert pointwise_batches[:2] == [2, 2] and set(pointwise_batches[2:]) == {4}
     model, params, apply = cls_unet  # labels: tiled at the time embedding, so from the first ResBlock on
     y2 = jnp.concatenate([Y, jnp.array([0, 0])])
     np.testing.assert_allclose(apply(params, X8, T, y=y2),

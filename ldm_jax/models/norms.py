@@ -1,4 +1,5 @@
-"""GroupNorm with per-channel-first statistics and a hand-written VJP: the same function as flax's nn.GroupNorm.
+"""GroupNorm (optionally fused with SiLU) and LayerNorm with hand-written VJPs: the same functions as flax's
+nn.GroupNorm and nn.LayerNorm.
 
 Why: XLA:CPU reduces a (N, H*W, groups, C/groups) view slowly when C/groups is small (3 channels per group at
 96 channels): on a 2-core AVX2 CPU flax's GroupNorm took 6.0 ms forward and 5.3 ms fwd+bwd on 8x32x32x96,
@@ -6,7 +7,7 @@ this one 1.4 ms and 3.5 ms (docs/benchmarks.md). Statistics are reduced over H*W
 axis stays contiguous), then over the few channels of each group; the variance is two-pass, E[(x - mean)^2],
 in float32 whatever the input dtype. The backward is the closed-form GroupNorm gradient, reduced the same way.
 An optional SiLU runs inside the same VJP, so norm + activation cost one elementwise pass forward and two
-backward (the UNet's and autoencoder's GroupNorm -> SiLU pairs).
+backward (the UNet's and autoencoder's GroupNorm -> SiLU pairs; 8x32x32x288 fwd+bwd 28 -> 14 ms on one core).
 """
 
 from __future__ import annotations
