@@ -121,7 +121,7 @@ def test_group_norm_of_channel_parts_with_shared_rows():
 
 def test_layer_norm_matches_numpy_and_flax_with_autodiff_gradients():
     rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.normal(2.0, 3.0, size=(2, 7, 48)), jnp.float32)  # offset mean: catches one-pass variance
+    x = jnp.asarray(rng.normal(2.0, 3.0, size=(2, 7, 48)), jnp.float32)  # nonzero mean per row
     r = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
     mod, ref = LayerNorm(epsilon=1e-5), nn.LayerNorm(epsilon=1e-5)
     p = mod.init(jax.random.key(0), x)

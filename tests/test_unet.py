@@ -442,7 +442,8 @@ def test_shared_x_batch_equals_tiled_inputs(st_unet, cls_unet):
     # input conv, ResBlock (2 convs), Downsample, ResBlock (2 convs) on B rows; then 2B rows, except the shared
     # skip connections' parts of three output ResBlocks' in_conv and 1x1 skip conv (skip_parts)
     assert conv_batches[:6] == [2] * 6 and conv_batches[6:].count(2) == 6 and set(conv_batches[6:]) == {2, 4}
-    # 1x1 convs are dots (fast_ops.pointwise_conv_general_dilated): that ResBlock's skip and the first proj_in on B
+    # 1x1 convs are dots (fast_ops.pointwise_conv_general_dilated): that ResBlock's skip and the first proj_in
+    # run on B rows, every later one on 2B
     pointwise_batches = [int(b) for b in re.findall(r"f32\[(\d+),\d+,\d+,\d+\] = dot_general", jaxpr)]
     assert pointwise_batches[:2] == [2, 2] and set(pointwise_batches[2:]) == {4}
     model, params, apply = cls_unet  # labels: tiled at the time embedding, so from the first ResBlock on
