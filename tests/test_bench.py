@@ -76,3 +76,21 @@ def test_summarise_ratios_and_table():
     assert s2["paired_speedup_vs_fastest_peer"] == pytest.approx(1.5)  # median of 1.5, 1.5, 4.0
     text = runner.table({"cases": {"c": s}})
     assert "| c | torch | 2 |" in text and "absent: not installed" in text
+
+
+def test_components_rates_count_the_convolutions():
+    """`python -m ldm_jax.bench.components --quick`: XLA's FLOP count of a ResBlock matches its two 3x3 convs
+    counted by hand, and the backward adds about twice the forward's work (not a timing test)."""
+    from ldm_jax.bench import components
+
+    rows = components.run(quick=True, reps=1)
+    assert [r["name"] for r in rows][:2] == ["SpatialTransformer 4x4x128", "ResBlock 8x8 64->64"]
+    # batch 2, 8x8, 64 -> 64, two 3x3 convs with padding 1; XLA counts the taps that fall inside the image
+    # (22 of 8 x 3 per row and column), not the zero padding
+    convs = 2 * (2 * 2 * 64 * 64 * 22 * 22) / 1e9
+    res = rows[1]
+    assert convs <= res["fwd"]["gflop"] <= 1.1 * convs
+    for r in rows:
+        assert 2.0 <= r["fwd+bwd"]["gflop"] / r["fwd"]["gflop"] <= 3.5, r
+        assert r["fwd"]["median_s"] > 0 and r["fwd+bwd"]["gflops"] > 0
+    assert components.table(rows).count("\n") == len(rows) + 1
