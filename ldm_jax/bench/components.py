@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+from ldm_jax.bench.protocol import xla_gflop
 from ldm_jax.xla_flags import set_default_xla_flags
 
 
@@ -39,12 +40,6 @@ def _components(quick: bool) -> list[tuple[str, Any, tuple]]:
     ]
 
 
-def _flops(compiled: Any) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0))
-
-
 def run(quick: bool = False, reps: int = 11) -> list[dict[str, Any]]:
     """Time every component; returns one row per component with medians (s) and GFLOP/s."""
     import jax
@@ -54,8 +49,9 @@ def run(quick: bool = False, reps: int = 11) -> list[dict[str, Any]]:
     for name, module, inputs in _components(quick):
         params = module.init(jax.random.key(0), *inputs)
         loss = lambda p, *a, m=module: jnp.sum(jnp.square(m.apply(p, *a)))  # noqa: E731
-        fns = {"fwd": jax.jit(module.apply).lower(params, *inputs).compile(),
-               "fwd+bwd": jax.jit(jax.grad(loss)).lower(params, *inputs).compile()}
+        lowered = {"fwd": jax.jit(module.apply).lower(params, *inputs),
+                   "fwd+bwd": jax.jit(jax.grad(loss)).lower(params, *inputs)}
+        fns = {k: low.compile() for k, low in lowered.items()}
         times: dict[str, list[float]] = {k: [] for k in fns}
         for f in fns.values():  # warm-up
             jax.block_until_ready(f(params, *inputs))
@@ -66,8 +62,8 @@ def run(quick: bool = False, reps: int = 11) -> list[dict[str, Any]]:
                 times[k].append(time.perf_counter() - t0)
         row: dict[str, Any] = {"name": name}
         for k, f in fns.items():
-            med = statistics.median(times[k])
-            row[k] = {"median_s": med, "gflop": _flops(f) / 1e9, "gflops": _flops(f) / 1e9 / med}
+            med, gflop = statistics.median(times[k]), xla_gflop(lowered[k], f)  # as the bench counts its cases
+            row[k] = {"median_s": med, "gflop": gflop, "gflops": gflop / med if gflop else None}
         rows.append(row)
     return rows
 
@@ -86,10 +82,11 @@ def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of `run`'s rows."""
     out = ["| component | fwd ms | fwd GFLOP/s | fwd+bwd ms | fwd+bwd GFLOP/s | fwd+bwd GFLOP |",
            "|---|---|---|---|---|---|"]
+    num = lambda x, fmt: "-" if x is None else format(x, fmt)  # noqa: E731  (no FLOP count from XLA)
     for r in rows:
         f, fb = r["fwd"], r["fwd+bwd"]
-        out.append(f"| {r['name']} | {f['median_s'] * 1e3:.2f} | {f['gflops']:.1f} | {fb['median_s'] * 1e3:.2f} | "
-                   f"{fb['gflops']:.1f} | {fb['gflop']:.2f} |")
+        out.append(f"| {r['name']} | {f['median_s'] * 1e3:.2f} | {num(f['gflops'], '.1f')} | "
+                   f"{fb['median_s'] * 1e3:.2f} | {num(fb['gflops'], '.1f')} | {num(fb['gflop'], '.2f')} |")
     return "\n".join(out)
 
 
