@@ -94,3 +94,43 @@ def test_components_rates_count_the_convolutions():
         assert 2.0 <= r["fwd+bwd"]["gflop"] / r["fwd"]["gflop"] <= 3.5, r
         assert r["fwd"]["median_s"] > 0 and r["fwd+bwd"]["gflops"] > 0
     assert components.table(rows).count("\n") == len(rows) + 1
+
+
+def test_train_donation_avoids_parameter_copies_on_cpu():
+    """Both JAX sides' bench step donates nothing on CPU: with params donated, XLA:CPU copies a kernel that the
+    backward still reads (the input gradient of the second conv) before updating it in place; without donation
+    there is no such copy, and the update is the same."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from ldm_jax.bench import protocol
+
+    assert protocol.train_donation("cpu") == ()
+    assert protocol.train_donation("gpu") == (0, 1) == protocol.train_donation("tpu")
+
+    tx = optax.adamw(1e-3, weight_decay=0.01)
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",  # noqa: E731
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    params = {"w1": jnp.linspace(-1, 1, 576).reshape(3, 3, 8, 8), "w2": jnp.linspace(1, -1, 576).reshape(3, 3, 8, 8)}
+    x = jnp.linspace(0, 1, 1024).reshape(2, 8, 8, 8)
+
+    def step(p, s, x):
+        grads = jax.grad(lambda p: jnp.sum(conv(jax.nn.silu(conv(x, p["w1"])), p["w2"]) ** 2))(p)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s
+
+    def param_copies(donate):
+        hlo = jax.jit(step, donate_argnums=donate).lower(params, tx.init(params), x).compile().as_text()
+        entry = hlo[hlo.index("ENTRY"):]
+        names = set(re.findall(r"%([\w.\-]+) = f32\[3,3,8,8\]\S* parameter\(", entry))
+        return sum(1 for n in re.findall(r"= f32\[3,3,8,8\]\S* copy\(%([\w.\-]+)\)", entry) if n in names)
+
+    assert param_copies((0, 1)) >= 1  # what the policy avoids
+    assert param_copies(protocol.train_donation("cpu")) == 0
+    new, _ = jax.jit(step, donate_argnums=protocol.train_donation("cpu"))(params, tx.init(params), x)
+    ref, _ = jax.jit(step)(jax.tree.map(jnp.copy, params), tx.init(params), x)
+    assert all(bool(jnp.array_equal(new[k], ref[k])) for k in ref)
+    assert not bool(jnp.array_equal(new["w2"], params["w2"]))  # the step did update

@@ -164,7 +164,8 @@ class OursSide:
                     return optax.apply_updates(params, updates), opt_state, loss
 
                 opt_state = tx.init(params)
-                compiled, rep = self._compile(step, (params, opt_state, x0, ctx, key), donate=(0, 1))
+                compiled, rep = self._compile(step, (params, opt_state, x0, ctx, key),
+                                              donate=protocol.train_donation(jax.default_backend()))
                 st = {"params": params, "opt": opt_state, "i": 0}
 
                 def run():
