@@ -126,7 +126,7 @@ class OursSide:
         got = self.jax.tree.leaves(params)
         if [tuple(a.shape) for a in leaves] != [tuple(np.shape(b)) for b in got]:
             raise ValueError("converted params do not match the model's shapes")
-        # Kept on the host: a train step donates (deletes) the device copies it is given.
+        # Kept on the host: on accelerators a train step donates (deletes) the device copies it is given.
         return params, float(np.max(np.abs(np.asarray(out, np.float32) - ref)))
 
     def _compile(self, fn, args: tuple, donate: tuple = ()) -> tuple[Any, dict[str, Any]]:

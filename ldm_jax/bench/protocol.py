@@ -156,8 +156,8 @@ def train_donation(backend: str, argnums: tuple[int, ...] = (0, 1)) -> tuple[int
     On XLA:CPU donation made this step slower for both sides: an in-place update of a parameter that the forward
     and backward also read makes copy insertion copy every parameter first (257 copies, 90 MB for the bench
     UNet). Not donating: ours 1.02-1.10x, Flax 1.05x faster per round (docs/benchmarks.md item 35). On
-    accelerators donation bounds peak memory, so it stays. (ldm_jax's trainer keeps donating: its step, with EMA
-    and a guarded update, measured 4-5% faster donated, item 35.)
+    accelerators donation bounds peak memory, so it stays. (ldm_jax's trainer keeps donating: with its
+    lax.cond-guarded update its step measured 4-5% faster donated, item 35.)
     """
     return () if backend == "cpu" else tuple(argnums)
 
