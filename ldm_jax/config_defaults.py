@@ -20,6 +20,8 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         batch_size=32, num_steps=1000, base_lr=4.5e-6, scale_lr=True, grad_accum=1,
         log_every=50, ckpt_every=1000, grid_every=0, max_to_keep=3, keep_every=0, async_checkpoint=True,
         max_nonfinite_steps=20,
+        preemption_sync_every=10,  # multi-process: steps between SIGTERM agreements (each is a host sync)
+        allow_resume_changes=False,  # resume even if batch size, lr scaling, data or seed differ from the ckpt
     ))
     c.eval = ml_collections.ConfigDict(dict(split="test", num_examples=1000, batch_size=100))
     return c

@@ -6,7 +6,11 @@ the process died is never listed as valid; restores re-shard onto the target sha
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -45,6 +49,49 @@ class Checkpointer:
         )
         return restored["state"], restored["meta"]
 
+    def restore_intact(self, target: Any, check: Callable[[dict], None] | None = None) -> tuple[Any, dict[str, Any]]:
+        """Restores the newest checkpoint that reads back whole. When the newest fails to read (truncated array
+        file, missing metadata) and an older one restores, the failed ones are moved aside to
+        checkpoints.damaged/ with a warning naming their step. When none restores, nothing is moved (the fault
+        may be this program's, not the files') and the newest one's error is raised. `check(meta)` (the resume
+        compatibility check) raises through."""
+        failed: list[tuple[int, Exception]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self.restore_meta(step)
+            except Exception as e:  # noqa: BLE001 - any read failure may mean "damaged"
+                failed.append((step, e))
+                continue
+            if check is not None:
+                check(meta)
+            try:
+                state, meta = self.restore(target, step)
+            except Exception as e:  # noqa: BLE001
+                failed.append((step, e))
+                continue
+            for bad, error in failed:
+                self._set_aside(bad, error)
+            return state, meta
+        if failed:
+            step, error = failed[0]
+            raise ValueError(f"no checkpoint in {self.directory} can be restored; the newest (step {step}) "
+                             f"fails with {type(error).__name__}: {_first_line(error)}") from error
+        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        dest = os.path.join(self.directory + ".damaged", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        logging.warning("checkpoint at step %d is damaged (%s: %s); moved to %s, resuming from an older one", step,
+                        type(error).__name__, _first_line(error), dest)
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"set_aside_{step}")
+        self.manager.reload()
+
+
     def restore_meta(self, step: int | None = None) -> dict[str, Any] | None:
         step = self.latest_step() if step is None else step
         if step is None:
@@ -81,3 +128,8 @@ def _as_abstract(x: Any) -> Any:
     if isinstance(x, jax.Array):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     return x
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else ""

@@ -114,20 +114,25 @@ def guarded_update(tx: optax.GradientTransformation, grads, opt_state, params, f
 
 
 class PreemptionGuard:
-    """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary and exits cleanly."""
+    """SIGTERM sets a flag; the loop saves a checkpoint at the next agreed step boundary and exits cleanly.
 
-    def __init__(self):
+    One process reads its own flag every step. Several processes must agree (a save they do not all join would
+    deadlock), so they exchange flags only every `sync_every` steps instead of stalling dispatch every step."""
+
+    def __init__(self, sync_every: int = 1):
         self.requested = False
+        self.sync_every = max(1, int(sync_every))
         self._old = signal.signal(signal.SIGTERM, self._handler)
 
     def _handler(self, signum, frame):
         logging.warning("SIGTERM received: will checkpoint and exit at the next step")
         self.requested = True
 
-    def should_stop(self) -> bool:
-        # Every process must agree, or a multi-host save would deadlock.
+    def should_stop(self, step: int) -> bool:
         if jax.process_count() == 1:
             return self.requested
+        if step % self.sync_every:
+            return False
         from jax.experimental import multihost_utils
 
         return bool(multihost_utils.process_allgather(jnp.asarray(self.requested)).any())

@@ -19,8 +19,8 @@ from ldm_jax.diffusion.generate import make_sample_fn
 from ldm_jax.training import common
 from ldm_jax.training import ldm as L
 from ldm_jax.training import mesh as mesh_lib
-from ldm_jax.training.checkpoint import Checkpointer
-from ldm_jax.training.train_autoencoder import check_compatible
+from ldm_jax.training.loop import Run, host_batches
+from ldm_jax.training.validate import check_train_config
 
 
 def setup_text(config: ml_collections.ConfigDict, workdir: str):
@@ -52,9 +52,8 @@ def setup_text(config: ml_collections.ConfigDict, workdir: str):
     return tok, tokenize(tok, captions, max_len), tokenize(tok, [""], max_len)[0]
 
 
-def host_batch(config, ds, step: int, token_table: np.ndarray | None) -> dict[str, np.ndarray]:
-    """This process's slice of the batch with the condition inputs the network takes."""
-    b = ds.batch_at(step)
+def host_batch(config, b: dict[str, np.ndarray], token_table: np.ndarray | None) -> dict[str, np.ndarray]:
+    """This process's slice of a data batch with the condition inputs the network takes."""
     out = {"image": b["image"]}
     if config.condition.type == "class":
         out["label"] = b["label"]
@@ -69,98 +68,56 @@ def host_batch(config, ds, step: int, token_table: np.ndarray | None) -> dict[st
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    common.maybe_initialize_distributed(config)
-    tc = config.train
-    mesh = mesh_lib.make_mesh(config.mesh)
-    mesh_lib.check_batch_size(tc.batch_size, mesh)
-    fs = L.load_first_stage(config.first_stage.workdir)
-    token_table = null_tokens = None
-    if config.condition.type == "text":
-        _, token_table, null_tokens = setup_text(config, workdir)
-    model = L.build_model(config, fs)
-    L.check_sampling(config)  # used after training: fail now, not hours later
-    sched = L.make_schedule(config)
-    tx = L.make_optimizer(config)
-    ds = make_dataset(config.data, "train", tc.batch_size, config.seed, jax.process_index(), jax.process_count())
-    res = config.data.resolution
-    if res % fs.factor:
-        raise ValueError(f"data.resolution={res} is not divisible by the stage-1 factor f={fs.factor}")
-    latent_shape = (res // fs.factor, res // fs.factor, fs.latent_channels)
+    check_train_config(config)
+    with Run(config, workdir) as run:
+        tc, mesh = config.train, run.mesh
+        fs = L.load_first_stage(config.first_stage.workdir)
+        res = config.data.resolution
+        if res % fs.factor:
+            raise ValueError(f"data.resolution={res} is not divisible by the stage-1 factor f={fs.factor}")
+        token_table = null_tokens = None
+        if config.condition.type == "text":
+            _, token_table, null_tokens = setup_text(config, workdir)
+        model = L.build_model(config, fs)
+        L.check_sampling(config)  # used after training: fail now, not hours later
+        sched = L.make_schedule(config)
+        tx = L.make_optimizer(config)
+        ds = make_dataset(config.data, "train", tc.batch_size, config.seed, jax.process_index(),
+                          jax.process_count())
+        latent_shape = (res // fs.factor, res // fs.factor, fs.latent_channels)
+        first = host_batch(config, ds.batch_at(0), token_table)
+        fs_vars = common.replicate_to(fs.variables, mesh)
+        null_arg = None if null_tokens is None else common.replicate_to(jnp.asarray(null_tokens), mesh)
 
-    first = host_batch(config, ds, 0, token_table)
-    fs_vars = common.replicate_to(fs.variables, mesh)
-    null_arg = None if null_tokens is None else common.replicate_to(jnp.asarray(null_tokens), mesh)
-    ckpt = Checkpointer(workdir, tc.get("max_to_keep", 3), tc.get("keep_every", 0), tc.get("async_checkpoint", True))
+        def init_fn(key, scale):
+            cond = {k: jnp.asarray(v[:1]) for k, v in first.items() if k not in ("image", "segmentation")}
+            seg = jnp.asarray(first["segmentation"][:1]) if "segmentation" in first else None
+            cond.update(L.spatial_condition(config, fs, fs.variables, jnp.asarray(first["image"][:1]), scale, key,
+                                            segmentation=seg))
+            cond.pop("mask", None)
+            return L.init_state(config, model, tx, key, latent_shape, cond, scale)
 
-    def init_fn(key, scale):
-        cond = {k: jnp.asarray(v[:1]) for k, v in first.items() if k not in ("image", "segmentation")}
-        seg = jnp.asarray(first["segmentation"][:1]) if "segmentation" in first else None
-        cond.update(L.spatial_condition(config, fs, fs.variables, jnp.asarray(first["image"][:1]), scale, key,
-                                        segmentation=seg))
-        cond.pop("mask", None)
-        return L.init_state(config, model, tx, key, latent_shape, cond, scale)
+        def init(state_sh):
+            scale = float(config.first_stage.scale_factor)
+            if config.first_stage.scale_by_std:
+                scale = L.first_batch_scale(fs, first["image"], None)
+                logging.info("scale_by_std: scale_factor = %.5f", scale)
+            return jax.jit(init_fn, out_shardings=state_sh)(jax.random.key(config.seed), scale)
 
-    abstract = jax.eval_shape(init_fn, jax.random.key(config.seed), 1.0)
-    state_sh = mesh_lib.state_shardings(abstract, mesh, config.mesh.get("min_shard_size", 2**16))
-    if ckpt.latest_step() is not None:
-        check_compatible(ckpt.restore_meta() or {}, config, ckpt.directory)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-        state, _ = ckpt.restore(target)
-        logging.info("restored checkpoint at step %d", int(state.step))
-    else:
-        scale = float(config.first_stage.scale_factor)
-        if config.first_stage.get("scale_by_std", False):
-            scale = L.first_batch_scale(fs, first["image"], None)
-            logging.info("scale_by_std: scale_factor = %.5f", scale)
-        state = jax.jit(init_fn, static_argnums=(), out_shardings=state_sh)(jax.random.key(config.seed), scale)
-    common.save_config(config, workdir)
-
-    writer = common.make_writer(workdir)
-    from clu import periodic_actions
-
-    progress = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer, every_secs=30)
-    batch_sh, rep = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
-    step_fn = L.make_train_step(config, model, fs, tx, sched)
-    example = mesh_lib.global_batch(first, mesh)
-    null_sh = None if null_arg is None else rep
-    train_step, report = common.compile_step(
-        step_fn, (state, example, fs_vars, null_arg), (state_sh, batch_sh, jax.tree.map(lambda _: rep, fs_vars),
-                                                       null_sh), (state_sh, rep), name="ldm_step")
-    writer.write_scalars(int(state.step), {f"compile/{k}": v for k, v in report.items()})
-
-    guard = common.PreemptionGuard()
-    nonfinite = common.NonFiniteTracker(tc.get("max_nonfinite_steps", 20), on_abort=ckpt.wait)
-    pending: list[dict] = []
-    last_ckpt = ckpt.latest_step()
-    for step in range(int(state.step), tc.num_steps):
-        batch = mesh_lib.global_batch(host_batch(config, ds, step, token_table), mesh)
-        state, metrics = train_step(state, batch, fs_vars, null_arg)
-        pending.append(metrics)
-        nonfinite.update(not bool(metrics["finite"]), step, last_ckpt)
-        done = step + 1
-        progress(done)
-        if done % tc.log_every == 0 or done == tc.num_steps:
-            means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-            writer.write_scalars(done, {f"train/{k}": v for k, v in means.items()})
-            pending = []
-        stop = guard.should_stop()
-        if done % tc.ckpt_every == 0 or done == tc.num_steps or stop:
-            ckpt.save(done, state, {"config": config.to_dict(), "data": ds.state() | {"step": done}}, force=True)
-            last_ckpt = done if not nonfinite.consecutive else last_ckpt  # saved mid-streak: not 'good'
-        if stop:
-            ckpt.close()
-            logging.info("preempted: checkpoint saved at step %d", done)
+        state = run.restore_or_init(jax.eval_shape(init_fn, jax.random.key(config.seed), 1.0), init, ds)
+        rep = mesh_lib.replicated(mesh)
+        args = (fs_vars, null_arg)
+        train_step = run.compile(L.make_train_step(config, model, fs, tx, sched), state,
+                                 mesh_lib.global_batch(first, mesh), args,
+                                 (jax.tree.map(lambda _: rep, fs_vars), None if null_arg is None else rep), "ldm_step")
+        out = run.train(state, host_batches(ds, int(state.step), lambda b: host_batch(config, b, token_table)),
+                        lambda step: train_step, args, data_state=lambda done: ds.state() | {"step": done})
+        if out.preempted:
             return {}
-    ckpt.wait()
-    results = {"final_loss": float(np.mean([jax.device_get(m["loss"]) for m in pending]))} if pending else {}
-    results.update(sample_grid(config, model, sched, fs, state, null_tokens, token_table, workdir))
-    results["skipped_updates"] = float(nonfinite.total)
-    common.write_json(os.path.join(workdir, "metrics.json"), results)
-    writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in results.items()})
-    writer.flush()
-    ckpt.close()
-    guard.restore()
-    return results
+        results = {"final_loss": out.last_metrics.get("loss", float("nan"))}
+        results.update(sample_grid(config, model, sched, fs, out.state, null_tokens, token_table, workdir))
+        results.update(skipped_updates=float(out.skipped_total), skipped_files=float(ds.num_skipped))
+        return run.finish(out.state, results)
 
 
 def sample_grid(config, model, sched, fs: L.FirstStage, state: L.LDMState, null_tokens, token_table,

@@ -1,0 +1,123 @@
+"""Issue #20: the workdir lock, recovery from a damaged newest checkpoint, counts validated before anything
+compiles, and resumes that would silently change the run refused."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import scaleout_utils as su
+from test_errors import raises_before_compile
+
+from ldm_jax.training import train_autoencoder
+from ldm_jax.training.checkpoint import Checkpointer
+from ldm_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    from ldm_jax.training.workdir_lock import WorkdirLock
+    lock = WorkdirLock(sys.argv[1]); lock.acquire(); print("held", flush=True); time.sleep(60)
+""")
+
+
+def test_second_run_on_a_locked_workdir_is_refused(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        msg = raises_before_compile(WorkdirLockedError, rf"^workdir .* is in use by another run \(pid {holder.pid} on "
+                                    r"host .*\); stop it or use another --workdir$",
+                                    train_autoencoder.train_and_evaluate, su.tiny_ae_config(), str(tmp_path))
+        assert str(holder.pid) in msg
+        assert not os.path.exists(tmp_path / "checkpoints")  # nothing of the holder's workdir was touched
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_stale_lock_from_killed_run_is_taken_over(tmp_path, caplog):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()  # kill -9: the file stays, its flock goes with the process
+    holder.wait()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == holder.pid
+    lock = WorkdirLock(str(tmp_path))
+    with caplog.at_level("WARNING"):
+        lock.acquire()
+    assert f"stale lock left by pid {holder.pid}" in caplog.text
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    with pytest.raises(WorkdirLockedError):  # held now, also against this process's second open
+        WorkdirLock(str(tmp_path)).acquire()
+    lock.release()
+    WorkdirLock(str(tmp_path)).acquire()  # released cleanly: taken without a warning
+
+
+def _two_checkpoints(path):
+    state = {"w": np.arange(1000, dtype=np.float32), "step": np.array(1, np.int32)}
+    ckpt = Checkpointer(str(path), async_save=False)
+    ckpt.save(1, state, {"config": {}}, force=True)
+    ckpt.save(2, {"w": state["w"] * 2, "step": np.array(2, np.int32)}, {"config": {}}, force=True)
+    ckpt.close()
+    return state
+
+
+@pytest.mark.parametrize("damage", ["truncate_arrays", "delete_meta"])
+def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, damage, caplog):
+    state = _two_checkpoints(tmp_path)
+    step2 = tmp_path / "checkpoints" / "2" / "state"
+    if damage == "truncate_arrays":
+        files = [os.path.join(d, f) for d, _, fs in os.walk(step2) for f in fs if os.path.getsize(os.path.join(d, f))]
+        for f in files:
+            if "ocdbt" in f or f.endswith(("/d", ".data")) or "/d/" in f:
+                with open(f, "r+b") as fh:
+                    fh.truncate(max(1, os.path.getsize(f) // 3))
+    else:
+        os.remove(step2.parent / "meta" / "metadata")
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    with caplog.at_level("WARNING"):
+        restored, _ = ckpt.restore_intact(state)
+    ckpt.close()
+    np.testing.assert_array_equal(restored["w"], state["w"])  # step 1's, exactly
+    assert "checkpoint at step 2 is damaged" in caplog.text
+    moved = os.listdir(tmp_path / "checkpoints.damaged")
+    assert len(moved) == 1 and moved[0].startswith("2-")  # moved aside, not deleted
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+
+
+def test_no_restorable_checkpoint_is_one_line_and_moves_nothing(tmp_path):
+    state = _two_checkpoints(tmp_path)
+    for step in ("1", "2"):
+        os.remove(tmp_path / "checkpoints" / step / "meta" / "metadata")
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    with pytest.raises(ValueError, match=r"^no checkpoint in .*checkpoints can be restored; the newest \(step 2\) "
+                                         r"fails with \w+: [^\n]*$"):
+        ckpt.restore_intact(state)
+    ckpt.close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]  # maybe our fault: nothing moved
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    ({"train.num_steps": -5}, r"^train\.num_steps must be an integer >= 1, got -5$"),
+    ({"train.ckpt_every": 0}, r"^train\.ckpt_every must be an integer >= 1, got 0$"),
+    ({"train.log_every": 0}, r"^train\.log_every must be an integer >= 1, got 0$"),
+    ({"eval.batch_size": 0}, r"^eval\.batch_size must be an integer >= 1, got 0$"),
+    ({"train.base_lr": 0.0}, r"^train\.base_lr must be a finite number > 0, got 0\.0$"),
+    ({"train.max_to_keep": 0}, r"^train\.max_to_keep must be an integer >= 1, got 0$"),
+])
+def test_counts_and_rates_checked_before_compile(tmp_path, overrides, pattern):
+    raises_before_compile(ValueError, pattern, train_autoencoder.train_and_evaluate, su.tiny_ae_config(**overrides),
+                          str(tmp_path))
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    ({"train.batch_size": 16}, r"^train\.batch_size=16 but the checkpoint in .* was trained with 8; resume with the "
+                               r"same value, or set train\.allow_resume_changes=True to continue anyway$"),
+    ({"train.scale_lr": False}, r"^train\.scale_lr=False but the checkpoint .* was trained with True;"),
+    ({"seed": 3}, r"^seed=3 but the checkpoint .* was trained with 0;"),
+])
+def test_resume_that_changes_the_run_is_refused(tmp_path, overrides, pattern):
+    su.write_stage1_workdir(str(tmp_path), su.tiny_ae_config())
+    raises_before_compile(ValueError, pattern, train_autoencoder.train_and_evaluate, su.tiny_ae_config(**overrides),
+                          str(tmp_path))
