@@ -77,8 +77,14 @@ def ldm_config() -> ml_collections.ConfigDict:
     c.diffusion = ml_collections.ConfigDict(dict(
         schedule="linear", num_timesteps=1000, linear_start=0.0015, linear_end=0.0195, cosine_s=8e-3,
         parameterization="eps", loss_type="l2",
+        snr_gamma=0.0,  # min-SNR-gamma loss weighting (Hang et al. 2023; 5 in the paper); 0 = off
+        zero_terminal_snr=False,  # rescale betas to zero terminal SNR (Lin et al. 2024); needs v or x0
+        offset_noise=0.0,  # noise += c * N(0, 1) per channel (c ~ 0.1); 0 = off
     ))
-    c.sampling = ml_collections.ConfigDict(dict(sampler="ddim", steps=50, eta=0.0, guidance=1.0, grid_per_class=8))
+    # sampler: ddpm | ddim | plms | dpmpp_2m | dpmpp_2m_sde | euler | euler_a | unipc; spacing '' = the sampler's
+    # default (ddim/plms: the reference's 'uniform'; the solvers: diffusers' 'linspace').
+    c.sampling = ml_collections.ConfigDict(dict(sampler="ddim", steps=50, eta=0.0, guidance=1.0, grid_per_class=8,
+                                                spacing="", karras=False, order=2, guidance_rescale=0.0))
     c.train.update(batch_size=48, base_lr=2e-6, ema_decay=0.9999, warmup_steps=0, weight_decay=0.01,
                    num_steps=500_000, ckpt_every=5000)
     c.data.update(name="folder", resolution=256, channels=3, preprocess="resize", random_flip=True)

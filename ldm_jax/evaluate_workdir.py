@@ -134,7 +134,9 @@ def real_stats(data_cfg: ml_collections.ConfigDict, extractor: E.FeatureExtracto
 
 def evaluate_ldm(workdir: str | None = None, *, ldm: Any = None, num_samples: int = 1000, batch_size: int = 100,
                  sampler: str | None = None, steps: int | None = None, eta: float | None = None,
-                 guidance: float | None = None, feature: str = "fmnist", inception_weights: str | None = None,
+                 guidance: float | None = None, spacing: str | None = None, karras: bool | None = None,
+                 order: int | None = None, guidance_rescale: float | None = None, feature: str = "fmnist",
+                 inception_weights: str | None = None,
                  num_real: int = 10000, seed: int = 0, first_stage: str | None = None,
                  real: tuple[FeatureStats, dict] | None = None, classifier_path: str | None = None,
                  keep_images: int = 0) -> dict[str, Any]:
@@ -150,7 +152,7 @@ def evaluate_ldm(workdir: str | None = None, *, ldm: Any = None, num_samples: in
         inference.read_config(workdir)
         ldm = inference.LoadedLDM.load(workdir, first_stage)
     config = ldm.config
-    opts = inference.sampling_options(config, sampler, steps, eta, guidance)
+    opts = inference.sampling_options(config, sampler, steps, eta, guidance, spacing, karras, order, guidance_rescale)
     inference.check_sample_args(config, num_samples=num_samples, batch_size=batch_size, seed=seed, **opts)
     res = int(config.data.resolution)
     image_shape = (res, res, int(config.data.channels))

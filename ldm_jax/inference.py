@@ -27,7 +27,7 @@ import numpy as np
 
 from ldm_jax.data.images import make_grid, save_png, to_uint8
 from ldm_jax.diffusion import SAMPLERS, DiffusionSchedule
-from ldm_jax.diffusion.generate import make_sample_fn
+from ldm_jax.diffusion.generate import check_sampling_options, make_sample_fn
 from ldm_jax.models.latent_diffusion import LatentDiffusionModel
 from ldm_jax.training import ldm as L
 from ldm_jax.training.checkpoint import Checkpointer
@@ -60,16 +60,23 @@ def real_classes(config: ml_collections.ConfigDict) -> int:
 
 
 def sampling_options(config: ml_collections.ConfigDict, sampler: str | None = None, steps: int | None = None,
-                     eta: float | None = None, guidance: float | None = None) -> dict[str, Any]:
-    """The config's `sampling` settings (sampler, steps, eta, guidance), each overridden where given (not None)."""
+                     eta: float | None = None, guidance: float | None = None, spacing: str | None = None,
+                     karras: bool | None = None, order: int | None = None,
+                     guidance_rescale: float | None = None) -> dict[str, Any]:
+    """The config's `sampling` settings, each overridden where given (not None). `.get` with defaults: a
+    config.json written before a field existed still loads."""
     sc = config.get("sampling", {})
     pick = lambda given, name, default: sc.get(name, default) if given is None else given  # noqa: E731
     return dict(sampler=pick(sampler, "sampler", "ddim"), steps=int(pick(steps, "steps", 50)),
-                eta=float(pick(eta, "eta", 0.0)), guidance=float(pick(guidance, "guidance", 1.0)))
+                eta=float(pick(eta, "eta", 0.0)), guidance=float(pick(guidance, "guidance", 1.0)),
+                spacing=str(pick(spacing, "spacing", "")), karras=bool(pick(karras, "karras", False)),
+                order=int(pick(order, "order", 2)),
+                guidance_rescale=float(pick(guidance_rescale, "guidance_rescale", 0.0)))
 
 
 def check_sample_args(config: ml_collections.ConfigDict, *, sampler: str = "ddim", steps: int = 50,
-                      eta: float = 0.0, guidance: float = 1.0, class_labels: Sequence[int] | None = None,
+                      eta: float = 0.0, guidance: float = 1.0, spacing: str = "", karras: bool = False,
+                      order: int = 2, guidance_rescale: float = 0.0, class_labels: Sequence[int] | None = None,
                       prompts: Sequence[str] | None = None, size_factor: int = 1, num_samples: int = 1,
                       batch_size: int = 1, seed: int = 0) -> None:
     """Validates sampling arguments against the model's config; raises a one-line ValueError (no compiling)."""
@@ -78,12 +85,7 @@ def check_sample_args(config: ml_collections.ConfigDict, *, sampler: str = "ddim
     T = int(config.diffusion.num_timesteps)
     if not 1 <= int(steps) <= T:
         raise ValueError(f"--steps must be in [1, {T}] (the model's diffusion timesteps), got {steps}")
-    if not (math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"--eta must be a finite number >= 0, got {eta}")
-    if sampler == "plms" and eta != 0:
-        raise ValueError(f"--eta must be 0 for the plms sampler, got {eta}")
-    if not (math.isfinite(guidance) and guidance >= 0):
-        raise ValueError(f"--guidance must be a finite number >= 0, got {guidance}")
+    check_sampling_options(T, sampler, steps, eta, guidance, spacing, karras, order, guidance_rescale, prefix="--")
     if int(size_factor) != size_factor or size_factor < 1:
         raise ValueError(f"--size_factor must be a positive integer, got {size_factor}")
     if num_samples < 1 or batch_size < 1:
@@ -243,9 +245,11 @@ class LoadedLDM:
 
     # --- the compiled sampler ---
 
-    def _generator(self, sampler: str, steps: int, eta: float, guidance: float, size_factor: int) -> Callable:
+    def _generator(self, sampler: str, steps: int, eta: float, guidance: float, size_factor: int,
+                   solver_opts: dict[str, Any]) -> Callable:
         key = (os.path.abspath(self.workdir), self.step, os.path.abspath(self.first_stage.workdir),
-               self.config.to_json(sort_keys=True), sampler, steps, eta, guidance, size_factor)
+               self.config.to_json(sort_keys=True), sampler, steps, eta, guidance, size_factor,
+               tuple(sorted(solver_opts.items())))
         if key in _GENERATORS:
             return _GENERATORS[key]
         cfg, fs, model, scale = self.config, self.first_stage, self.model, self.scale_factor
@@ -257,7 +261,7 @@ class LoadedLDM:
 
             null_tokens = jnp.asarray(self._tokens([NULL_TEXT])[0])
         sample = make_sample_fn(lambda p, x, t, c: model.apply({"params": p}, x, t, c), self.sched, sampler, steps,
-                                eta, guidance, cfg.diffusion.parameterization, shared_x=True)
+                                eta, guidance, cfg.diffusion.parameterization, shared_x=True, **solver_opts)
         shape = (1, *self.latent_shape(size_factor))
 
         def one(params, cond, uncond, key):
@@ -293,14 +297,17 @@ class LoadedLDM:
 
     def sample(self, indices: Iterable[int], *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
                guidance: float = 1.0, class_labels: Sequence[int] | None = None,
-               prompts: Sequence[str] | None = None, size_factor: int = 1, seed: int = 0) -> np.ndarray:
+               prompts: Sequence[str] | None = None, size_factor: int = 1, seed: int = 0, spacing: str = "",
+               karras: bool = False, order: int = 2, guidance_rescale: float = 0.0) -> np.ndarray:
         """Images float32 (len(indices), H, W, C) in [-1, 1] of samples `indices` (one compiled batch)."""
         indices = np.asarray(list(indices), np.int32)
+        solver_opts = dict(spacing=spacing, karras=bool(karras), order=int(order),
+                           guidance_rescale=float(guidance_rescale))
         check_sample_args(self.config, sampler=sampler, steps=steps, eta=eta, guidance=guidance,
                           class_labels=class_labels, prompts=prompts, size_factor=size_factor,
-                          num_samples=len(indices), batch_size=max(len(indices), 1), seed=seed)
+                          num_samples=len(indices), batch_size=max(len(indices), 1), seed=seed, **solver_opts)
         cond, spatial = self.conditions(indices, class_labels, prompts, size_factor)
-        gen = self._generator(sampler, int(steps), float(eta), float(guidance), int(size_factor))
+        gen = self._generator(sampler, int(steps), float(eta), float(guidance), int(size_factor), solver_opts)
         out = gen(self.params, self.first_stage.variables, cond, spatial, jnp.asarray(indices), seed)
         return np.asarray(out)
 

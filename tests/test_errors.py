@@ -100,12 +100,15 @@ def test_autoencoder_resume_with_other_model_config(tmp_path):
     ({"first_stage.workdir": "/nonexistent/stage1"}, FileNotFoundError,
      r"^first_stage\.workdir: no stage-1 config at /nonexistent/stage1/config\.json \(train stage 1 first\)$"),
     ({"diffusion.schedule": "sigmoid"}, ValueError, r"^diffusion\.schedule must be one of .*; got 'sigmoid'$"),
-    ({"sampling.sampler": "euler"}, ValueError, r"^sampling\.sampler must be one of .*; got 'euler'$"),
+    ({"sampling.sampler": "heun"}, ValueError, r"^sampling\.sampler must be one of .*; got 'heun'$"),
+    ({"sampling.sampler": "euler", "sampling.eta": 0.5}, ValueError, r"^sampling\.eta must be 0 for the euler sampler"),
+    ({"sampling.sampler": "ddim", "sampling.karras": True}, ValueError,
+     r"^sampling\.karras: the ddim sampler has no Karras sigmas"),
     ({"sampling.guidance": -1.0}, ValueError, r"^sampling\.guidance must be a finite number >= 0, got -1\.0$"),
     ({"sampling.guidance": float("nan")}, ValueError, r"^sampling\.guidance must be a finite number >= 0, got nan$"),
     ({"sampling.steps": 0}, ValueError, r"^sampling\.steps must be in \[1, 100\], got 0$"),
     ({"sampling.steps": 101}, ValueError, r"^sampling\.steps must be in \[1, 100\], got 101$"),
-    ({"sampling.eta": -0.5}, ValueError, r"^sampling\.eta must be >= 0, got -0\.5$"),
+    ({"sampling.eta": -0.5}, ValueError, r"^sampling\.eta must be a finite number >= 0, got -0\.5$"),
     ({"train.batch_size": 4}, ValueError, r"^train\.batch_size=4 is not divisible by the data-parallel size 8"),
 ])
 def test_ldm_bad_config(stage1_dir, tmp_path, overrides, exc, pattern):

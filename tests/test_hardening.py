@@ -3,6 +3,7 @@ compiles, and resumes that would silently change the run refused."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -121,3 +122,48 @@ def test_resume_that_changes_the_run_is_refused(tmp_path, overrides, pattern):
     su.write_stage1_workdir(str(tmp_path), su.tiny_ae_config())
     raises_before_compile(ValueError, pattern, train_autoencoder.train_and_evaluate, su.tiny_ae_config(**overrides),
                           str(tmp_path))
+
+
+# --- through the real entry point: one line on stderr, exit status 2, no traceback ---
+
+def _train_py(args, tmp_path, env_extra=None):
+    env = dict(su.subprocess_env(1), **(env_extra or {}))
+    proc = subprocess.run([sys.executable, os.path.join(su.REPO, "train.py"), *args], capture_output=True, text=True,
+                          env=env, cwd=str(tmp_path), timeout=300)
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize("case", ["missing_config", "unknown_override", "workdir_is_file", "negative_steps",
+                                  "locked"])
+def test_train_py_user_errors_are_one_line(tmp_path, case):
+    wd = str(tmp_path / "wd")
+    args = ["--config", su.TINY_AE, "--workdir", wd]
+    expect = {
+        "missing_config": r"--config /nonexistent/config\.py(:ae)?: no such file",
+        "unknown_override": r"'num_stepz' Did you mean \"num_steps\"",
+        "workdir_is_file": r"--workdir .* exists and is not a directory",
+        "negative_steps": r"train\.num_steps must be an integer >= 1, got -5",
+        "locked": r"workdir .* is in use by another run \(pid \d+ on host",
+    }[case]
+    holder = None
+    if case == "missing_config":
+        args[1] = "/nonexistent/config.py"
+    elif case == "unknown_override":
+        args.append("--config.train.num_stepz=5")
+    elif case == "workdir_is_file":
+        open(wd, "w").close()
+    elif case == "negative_steps":
+        args.append("--config.train.num_steps=-5")
+    else:
+        holder = subprocess.Popen([sys.executable, "-c", HOLD, wd], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held"
+    try:
+        rc, err = _train_py(args, tmp_path)
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+    lines = [ln for ln in err.splitlines() if ln.startswith("train.py: error:")]
+    assert rc == 2, err[-2000:]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert re.search(expect, lines[0]), lines[0]

@@ -291,7 +291,7 @@ def _run(argv, capsys):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--sampler", "euler"], "--sampler must be one of ddpm, ddim, plms"),
+    (["--sampler", "heun"], "--sampler must be one of ddpm, ddim, plms, dpmpp_2m"),
     (["--guidance", "-1"], "--guidance must be"),
     (["--steps", "0"], "--steps must be in [1, 1000]"),
     (["--steps", "1001"], "--steps must be in [1, 1000]"),

@@ -214,8 +214,9 @@ def test_get_sampler():
     assert get_sampler("ddim") is ddim_sample and get_sampler("plms") is plms_sample
     assert get_sampler("ddpm") is ddpm_sample
     with pytest.raises(ValueError, match="sampling.sampler") as e:
-        get_sampler("euler")
-    assert "\n" not in str(e.value) and all(n in str(e.value) for n in ("ddpm", "ddim", "plms"))
+        get_sampler("heun")
+    names = ("ddpm", "ddim", "plms", "dpmpp_2m", "euler_a", "unipc")
+    assert "\n" not in str(e.value) and all(n in str(e.value) for n in names)
     with pytest.raises(ValueError, match="diffusion.parameterization"):
         ddim_sample(lambda x, t: x, DiffusionSchedule.create("linear", 10), (1, 1), jax.random.PRNGKey(0),
                     steps=5, parameterization="score")

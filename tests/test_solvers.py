@@ -111,3 +111,93 @@ def test_solver_matches_diffusers(solver, schedule, pred, karras, spacing, steps
     rel = np.abs(got - ref).max(axis=(1, 2, 3, 4)) / np.abs(ref).max(axis=(1, 2, 3, 4))
     assert rel.max() <= 1e-5, f"{solver}: step {rel.argmax()} differs by {rel.max():.2e} relative"
     assert np.isfinite(got).all()
+
+
+# --- spacings, guidance rescale and the training objectives ---
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("steps", [10, 25, 50])
+def test_ddim_spacings_match_diffusers(spacing, steps):
+    from ldm_jax.diffusion.samplers import ddim_timesteps
+
+    sch = diffusers.DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing, steps_offset=0)
+    sch.set_timesteps(steps)
+    np.testing.assert_array_equal(ddim_timesteps(1000, steps, spacing), np.sort(sch.timesteps.numpy()))
+
+
+def test_guidance_rescale_matches_diffusers():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    rng = np.random.default_rng(0)
+    out_u, out_c = rng.standard_normal((2, *SHAPE)).astype(np.float32)
+    model = lambda x, t, c: jnp.concatenate([jnp.asarray(out_u), jnp.asarray(out_c)])  # noqa: E731
+    ones = jnp.ones((SHAPE[0],))
+    got = classifier_free_guidance(model, ones, 0 * ones, 7.5, shared_x=True, rescale=0.7)(jnp.zeros(SHAPE), ones)
+    guided = out_u + 7.5 * (out_c - out_u)
+    ref = rescale_noise_cfg(torch.from_numpy(guided).permute(0, 3, 1, 2), torch.from_numpy(out_c).permute(0, 3, 1, 2),
+                            guidance_rescale=0.7).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-6)
+    assert np.abs(ref - guided).max() > 0.1  # the rescale does something
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_zero_terminal_snr_and_snr_match_diffusers(schedule):
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+    from diffusers.training_utils import compute_snr
+
+    from ldm_jax.diffusion.schedules import make_beta_schedule
+
+    betas = make_beta_schedule(schedule, 1000, 0.00085, 0.012)
+    ours = DiffusionSchedule.create(schedule, 1000, 0.00085, 0.012, zero_terminal_snr=True)
+    ref_betas = rescale_zero_terminal_snr(torch.from_numpy(betas)).numpy()
+    np.testing.assert_allclose(np.asarray(ours.betas), ref_betas, rtol=1e-6)
+    assert float(ours.alphas_cumprod[-1]) == 0.0 and float(ours.alphas_cumprod[0]) == pytest.approx(1 - betas[0])
+    plain = DiffusionSchedule.create(schedule, 1000, 0.00085, 0.012)
+    sch = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear" if schedule == "linear" else "squaredcos_cap_v2")
+    t = np.array([0, 1, 10, 250, 500, 900, 999])
+    # 1e-4: near t = 0, SNR = abar / (1 - abar) magnifies the float32 rounding of abar (both sides float32).
+    np.testing.assert_allclose(np.asarray(plain.snr(jnp.asarray(t))), compute_snr(sch, torch.from_numpy(t)).numpy(),
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "v", "x0"])
+def test_min_snr_loss_weights(parameterization):
+    from ldm_jax.diffusion.gaussian import diffusion_loss, min_snr_weight
+
+    sched = DiffusionSchedule.create("linear", 1000, 0.00085, 0.012)
+    t = jnp.arange(0, 1000, 37)
+    snr = np.asarray(sched.alphas_cumprod, np.float64)[np.asarray(t)]
+    snr = snr / (1 - snr)
+    closed = {"eps": np.minimum(snr, 5) / snr, "v": np.minimum(snr, 5) / (snr + 1), "x0": np.minimum(snr, 5)}
+    np.testing.assert_allclose(np.asarray(min_snr_weight(sched, t, 5.0, parameterization)), closed[parameterization],
+                               rtol=1e-5)
+    x0 = jax.random.normal(jax.random.key(1), (64, 4, 4, 3))
+    model = lambda x, t: 0.5 * x  # noqa: E731
+    key = jax.random.key(2)
+    plain, aux = diffusion_loss(sched, model, x0, key, parameterization)
+    weighted, aux_w = diffusion_loss(sched, model, x0, key, parameterization, snr_gamma=5.0)
+    w = min_snr_weight(sched, aux["t"], 5.0, parameterization)
+    np.testing.assert_allclose(float(weighted), float(jnp.mean(aux["loss_per_example"] * w)), rtol=1e-6)
+    assert float(weighted) != pytest.approx(float(plain))
+    # Off by default: exactly the paper's loss.
+    same, _ = diffusion_loss(sched, model, x0, key, parameterization, snr_gamma=0.0, offset_noise=0.0)
+    assert float(same) == float(plain)
+
+
+def test_offset_noise_shifts_each_channel():
+    from ldm_jax.diffusion.gaussian import diffusion_loss
+
+    sched = DiffusionSchedule.create("linear", 1000, 0.00085, 0.012)
+    x0 = jnp.zeros((64, 8, 8, 3))
+    seen = {}
+
+    def model(x, t):
+        seen["x"] = x
+        return jnp.zeros_like(x)
+
+    diffusion_loss(sched, model, x0, jax.random.key(0), "eps", offset_noise=1.0)
+    noise = np.asarray(seen["x"]) / np.asarray(sched.sqrt_one_minus_alphas_cumprod)[np.asarray(
+        diffusion_loss(sched, model, x0, jax.random.key(0), "eps", offset_noise=1.0)[1]["t"])].reshape(-1, 1, 1, 1)
+    per_channel_mean = noise.mean(axis=(1, 2))  # (B, C): ~ N(0, 1) offsets, not ~ N(0, 1/64)
+    assert 0.6 < per_channel_mean.std() < 1.4

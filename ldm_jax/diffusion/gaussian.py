@@ -98,26 +98,47 @@ def q_posterior(sched: DiffusionSchedule, x0: jnp.ndarray, x_t: jnp.ndarray,
     return mean, var, logvar
 
 
+def min_snr_weight(sched: DiffusionSchedule, t: jnp.ndarray, gamma: float, parameterization: str) -> jnp.ndarray:
+    """min-SNR-gamma loss weights (Hang et al. 2023) per example: on the eps-MSE min(SNR, g) / SNR, on the v-MSE
+    min(SNR, g) / (SNR + 1), on the x0-MSE min(SNR, g). At SNR = 0 (zero terminal SNR) the eps weight is 1."""
+    snr = sched.snr(t)
+    clipped = jnp.minimum(snr, gamma)
+    if parameterization == "eps":
+        return jnp.where(snr > 0, clipped / jnp.where(snr > 0, snr, 1.0), 1.0)
+    if parameterization == "v":
+        return clipped / (snr + 1.0)
+    return clipped
+
+
 def diffusion_loss(sched: DiffusionSchedule, model_fn: ModelFn, x0: jnp.ndarray, key: jax.Array,
-                   parameterization: str = "eps",
-                   loss_type: str = "l2") -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+                   parameterization: str = "eps", loss_type: str = "l2", snr_gamma: float = 0.0,
+                   offset_noise: float = 0.0) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """Simple DDPM loss: mean over all elements of |model(x_t, t) - target|^p with t ~ U{0..T-1}.
 
     Randomness: `t_key, noise_key = jax.random.split(key)`; t = randint(t_key, (B,), 0, T),
     noise = normal(noise_key, x0.shape). aux = {"t": t, "loss_per_example": (B,)}.
+    snr_gamma > 0: per-example min-SNR-gamma weights; offset_noise c > 0: noise += c * N(0, 1) per example and
+    channel, broadcast over H x W (drawn from a third key split off noise_key). Both 0 is the paper's loss.
     """
     check_parameterization(parameterization)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"diffusion.loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
     t_key, noise_key = jax.random.split(key)
     t = jax.random.randint(t_key, (x0.shape[0],), 0, sched.num_timesteps, dtype=jnp.int32)
+    if offset_noise:
+        noise_key, offset_key = jax.random.split(noise_key)
     noise = jax.random.normal(noise_key, x0.shape, dtype=x0.dtype)
+    if offset_noise:
+        shape = (x0.shape[0],) + (1,) * (x0.ndim - 2) + (x0.shape[-1],)
+        noise = noise + offset_noise * jax.random.normal(offset_key, shape, dtype=x0.dtype)
     x_t = q_sample(sched, x0, t, noise)
     out = model_fn(x_t, t)
     target = target_for(parameterization, x0, noise, sched, t)
     diff = out.astype(jnp.float32) - target.astype(jnp.float32)
     err = jnp.abs(diff) if loss_type == "l1" else jnp.square(diff)
     per_example = err.reshape(err.shape[0], -1).mean(axis=1)
+    if snr_gamma:
+        per_example = per_example * min_snr_weight(sched, t, snr_gamma, parameterization)
     # Equal-size examples: mean of per-example means == mean over all elements (the reference's loss_simple).
     loss = per_example.mean()
     return loss, {"t": t, "loss_per_example": per_example}

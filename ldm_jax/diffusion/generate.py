@@ -2,14 +2,50 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from ldm_jax.diffusion.samplers import classifier_free_guidance, get_sampler
+from ldm_jax.diffusion.samplers import DDIM_SPACINGS, classifier_free_guidance, get_sampler
 from ldm_jax.diffusion.schedules import DiffusionSchedule
+from ldm_jax.diffusion.solvers import KARRAS, SOLVERS
+
+
+def check_sampling_options(num_timesteps: int, sampler: str, steps: int, eta: float = 0.0, guidance: float = 1.0,
+                           spacing: str = "", karras: bool = False, order: int = 2,
+                           guidance_rescale: float = 0.0, prefix: str = "sampling.") -> None:
+    """One-line ValueError for an unknown sampler or an option the sampler lacks (nothing is compiled)."""
+    get_sampler(sampler)
+    if sampler != "ddpm" and not 1 <= int(steps) <= num_timesteps:
+        raise ValueError(f"{prefix}steps must be in [1, {num_timesteps}], got {steps}")
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"{prefix}guidance must be a finite number >= 0, got {guidance}")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"{prefix}eta must be a finite number >= 0, got {eta}")
+    if eta != 0 and sampler != "ddim":
+        raise ValueError(f"{prefix}eta must be 0 for the {sampler} sampler (eta is DDIM's; the stochastic "
+                         f"solvers are dpmpp_2m_sde and euler_a), got {eta}")
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"{prefix}guidance_rescale must be in [0, 1], got {guidance_rescale}")
+    if sampler in SOLVERS:
+        from ldm_jax.diffusion.solvers import SPACINGS
+
+        if spacing and spacing not in SPACINGS:
+            raise ValueError(f"{prefix}spacing must be one of {', '.join(SPACINGS)} for {sampler}; got {spacing!r}")
+        if karras and sampler not in KARRAS:
+            raise ValueError(f"{prefix}karras: the {sampler} sampler has no Karras sigmas (only "
+                             f"{', '.join(KARRAS)})")
+        if order != 2 and sampler != "unipc" or order not in (1, 2, 3):
+            raise ValueError(f"{prefix}order must be 2 for {sampler} (1, 2 or 3 for unipc), got {order}")
+        return
+    if karras:
+        raise ValueError(f"{prefix}karras: the {sampler} sampler has no Karras sigmas (only {', '.join(KARRAS)})")
+    if order != 2:
+        raise ValueError(f"{prefix}order applies to unipc only, got {order} for {sampler}")
+    if spacing and sampler != "ddpm" and spacing not in DDIM_SPACINGS:
+        raise ValueError(f"{prefix}spacing must be one of {', '.join(DDIM_SPACINGS)} for {sampler}; got {spacing!r}")
 
 
 def make_sample_fn(
@@ -20,23 +56,27 @@ def make_sample_fn(
     eta: float = 0.0,
     guidance: float = 1.0,
     parameterization: str = "eps",
-    spacing: str = "uniform",
+    spacing: str = "",
     shared_x: bool = False,
+    karras: bool = False,
+    order: int = 2,
+    guidance_rescale: float = 0.0,
 ) -> Callable[..., jax.Array]:
     """Returns sample(params, cond, uncond, key, shape) -> latents. `apply_fn(params, x, t, cond)` is the
     network; `uncond` is the null condition (ignored when guidance == 1). Validates names/ranges eagerly.
+    spacing '' is the sampler's default (DDIM/PLMS: the reference's 'uniform'; solvers: 'linspace').
     shared_x: the network accepts x of batch B with conditions of batch 2B (UNetModel and LatentDiffusionModel
     do), so guidance runs the condition-free layers once for both halves (classifier_free_guidance)."""
+    check_sampling_options(sched.num_timesteps, sampler, steps, eta, guidance, spacing, karras, order,
+                           guidance_rescale)
     sample_impl = get_sampler(sampler)
-    if sampler != "ddpm" and not 1 <= steps <= sched.num_timesteps:
-        raise ValueError(f"sampling.steps must be in [1, {sched.num_timesteps}], got {steps}")
-    if not (guidance >= 0 and jnp.isfinite(guidance)):
-        raise ValueError(f"sampling.guidance must be a finite number >= 0, got {guidance}")
     kwargs: dict[str, Any] = {"parameterization": parameterization}
     if sampler == "ddim":
-        kwargs.update(steps=steps, eta=eta, spacing=spacing)
+        kwargs.update(steps=steps, eta=eta, spacing=spacing or "uniform")
     elif sampler == "plms":
-        kwargs.update(steps=steps, spacing=spacing)
+        kwargs.update(steps=steps, spacing=spacing or "uniform")
+    elif sampler in SOLVERS:
+        kwargs.update(steps=steps, spacing=spacing or "linspace", karras=karras, order=order)
 
     def sample(params, cond: dict, uncond: dict | None, key: jax.Array, shape: tuple[int, ...],
                **extra) -> jax.Array:
@@ -46,7 +86,7 @@ def make_sample_fn(
         if uncond is None or guidance == 1.0:
             model_fn = lambda x, t: model_fn_cond(x, t, cond)  # noqa: E731
         else:
-            model_fn = classifier_free_guidance(model_fn_cond, cond, uncond, guidance, shared_x)
+            model_fn = classifier_free_guidance(model_fn_cond, cond, uncond, guidance, shared_x, guidance_rescale)
         return sample_impl(model_fn, sched, shape, key, **kwargs, **extra)
 
     return sample

@@ -7,6 +7,7 @@ t as an int32 array of shape (B,) and returns the network output in the given pa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +24,9 @@ from ldm_jax.diffusion.gaussian import (
     to_x0_eps,
 )
 from ldm_jax.diffusion.schedules import DiffusionSchedule
+from ldm_jax.diffusion.solvers import SOLVERS, solver_sample
 
-DDIM_SPACINGS = ("uniform", "quad")
+DDIM_SPACINGS = ("uniform", "quad", "linspace", "leading", "trailing")
 # Adams-Bashforth weights for [e_t, e_{t-1}, e_{t-2}, e_{t-3}], indexed by the number of past eps (1..3).
 _PLMS_COEFFS = np.array(
     [
@@ -83,7 +85,9 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> 
 
     uniform: range(0, T, T // S) + 1 (more than S steps when S does not divide T, as in the reference);
     quad: (linspace(0, sqrt(0.8 T), S) ** 2).astype(int) + 1. Unlike the reference, values are clipped
-    to T - 1 and deduplicated (the reference indexes out of range once T // S == 1).
+    to T - 1 and deduplicated (the reference indexes out of range once T // S == 1). diffusers' spacings, without
+    the offset: linspace: linspace(0, T - 1, S).round(); leading: range(0, T, T // S)[:S]; trailing:
+    round(arange(T, 0, -T / S)) - 1 (starts at the last timestep, as zero-terminal-SNR models need).
     """
     if not 1 <= int(steps) <= int(num_timesteps):
         raise ValueError(f"sampling.steps must be in [1, {num_timesteps}] (diffusion timesteps), got {steps}")
@@ -91,6 +95,12 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> 
         ts = np.arange(0, num_timesteps, num_timesteps // steps)
     elif spacing == "quad":
         ts = (np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2).astype(np.int64)
+    elif spacing == "linspace":
+        return np.unique(np.linspace(0, num_timesteps - 1, steps).round()).astype(np.int32)
+    elif spacing == "leading":
+        return np.unique(np.arange(steps) * (num_timesteps // steps)).astype(np.int32)
+    elif spacing == "trailing":
+        return np.unique(np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)) - 1).astype(np.int32)
     else:
         raise ValueError(f"sampling.spacing must be one of {', '.join(DDIM_SPACINGS)}; got {spacing!r}")
     return np.unique(np.minimum(ts + 1, num_timesteps - 1)).astype(np.int32)
@@ -200,12 +210,17 @@ def plms_sample(model_fn: ModelFn, sched: DiffusionSchedule, shape: tuple[int, .
 
 
 def classifier_free_guidance(model_fn_cond: Callable[[jnp.ndarray, jnp.ndarray, Any], jnp.ndarray],
-                             cond: Any, uncond: Any, scale: float, shared_x: bool = False) -> ModelFn:
+                             cond: Any, uncond: Any, scale: float, shared_x: bool = False,
+                             rescale: float = 0.0) -> ModelFn:
     """model_fn(x, t) = uncond + scale * (cond - uncond), both halves evaluated in one batch of 2B.
 
     shared_x: pass x and t once (batch B) with the 2B conditions; for networks that accept that (UNetModel,
     LatentDiffusionModel), the layers before the first use of the condition then run once for both halves.
+    rescale: guidance rescale phi (Lin et al. 2024; diffusers' rescale_noise_cfg): the guided output is mixed with
+    its copy rescaled to the per-example std of the conditional output, phi * rescaled + (1 - phi) * guided.
     """
+    if not 0.0 <= float(rescale) <= 1.0:
+        raise ValueError(f"sampling.guidance_rescale must be in [0, 1], got {rescale}")
     if isinstance(scale, (int, float, np.number)):
         if not np.isfinite(scale) or scale < 0:
             raise ValueError(f"sampling.guidance must be a finite number >= 0, got {scale}")
@@ -223,18 +238,25 @@ def classifier_free_guidance(model_fn_cond: Callable[[jnp.ndarray, jnp.ndarray, 
         else:
             out = model_fn_cond(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), c_in)
         out_u, out_c = jnp.split(out, 2, axis=0)
-        return out_u + scale * (out_c - out_u)
+        guided = out_u + scale * (out_c - out_u)
+        if rescale:
+            axes = tuple(range(1, out.ndim))
+            std_c = jnp.std(out_c, axis=axes, keepdims=True, ddof=1)
+            std_g = jnp.std(guided, axis=axes, keepdims=True, ddof=1)
+            guided = rescale * guided * (std_c / std_g) + (1.0 - rescale) * guided
+        return guided
 
     return guided
 
 
 SAMPLERS: dict[str, Callable[..., jnp.ndarray]] = {
     "ddpm": ddpm_sample, "ddim": ddim_sample, "plms": plms_sample,
+    **{name: functools.partial(solver_sample, solver=name) for name in SOLVERS},
 }
 
 
 def get_sampler(name: str) -> Callable[..., jnp.ndarray]:
-    """Sampler function by name: ddpm, ddim or plms."""
+    """Sampler function by name: ddpm, ddim, plms or one of solvers.SOLVERS."""
     if name not in SAMPLERS:
         raise ValueError(f"sampling.sampler must be one of {', '.join(SAMPLERS)}; got {name!r}")
     return SAMPLERS[name]

@@ -39,6 +39,17 @@ def make_beta_schedule(
     return betas
 
 
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. (2024), Algorithm 1: shift and scale sqrt(abar) so that sqrt(abar_T) = 0 (zero terminal SNR) while
+    sqrt(abar_1) is unchanged, then recover the betas (diffusers' rescale_zero_terminal_snr)."""
+    sqrt_abar = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
+    first, last = sqrt_abar[0], sqrt_abar[-1]
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    abar = sqrt_abar**2
+    alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
+
+
 @flax.struct.dataclass
 class DiffusionSchedule:
     """Per-timestep constants of q(x_t | x_0) and q(x_{t-1} | x_t, x_0), float32, shape (T,)."""
@@ -86,9 +97,16 @@ class DiffusionSchedule:
         linear_start: float = 1e-4,
         linear_end: float = 2e-2,
         cosine_s: float = 8e-3,
+        zero_terminal_snr: bool = False,
     ) -> DiffusionSchedule:
-        """Build a schedule from `make_beta_schedule` arguments."""
-        return cls.from_betas(make_beta_schedule(kind, num_timesteps, linear_start, linear_end, cosine_s))
+        """Build a schedule from `make_beta_schedule` arguments (optionally rescaled to zero terminal SNR)."""
+        betas = make_beta_schedule(kind, num_timesteps, linear_start, linear_end, cosine_s)
+        return cls.from_betas(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
+
+    def snr(self, t: jnp.ndarray) -> jnp.ndarray:
+        """Signal-to-noise ratio abar_t / (1 - abar_t) at timesteps t (diffusers' compute_snr)."""
+        abar = jnp.take(self.alphas_cumprod, t, axis=0)
+        return abar / (1.0 - abar)
 
 
 def extract(a: jnp.ndarray, t: jnp.ndarray, x_shape: tuple[int, ...]) -> jnp.ndarray:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ import numpy as np
 import optax
 
 from ldm_jax.diffusion import DiffusionSchedule, diffusion_loss
-from ldm_jax.diffusion.samplers import get_sampler
+from ldm_jax.diffusion.generate import check_sampling_options
 from ldm_jax.models.autoencoder import build_autoencoder
 from ldm_jax.models.latent_diffusion import LatentDiffusionModel, build_latent_diffusion
 from ldm_jax.training.checkpoint import Checkpointer
@@ -80,22 +79,19 @@ class LDMState:
 
 def make_schedule(cfg: ml_collections.ConfigDict) -> DiffusionSchedule:
     d = cfg.diffusion
+    if d.get("zero_terminal_snr", False) and d.parameterization == "eps":
+        raise ValueError("diffusion.zero_terminal_snr needs diffusion.parameterization 'v' or 'x0' (at SNR 0 an eps "
+                         "prediction says nothing about x0)")
+    # .get: config.json files written before these fields existed still load.
     return DiffusionSchedule.create(d.schedule, d.num_timesteps, d.linear_start, d.linear_end,
-                                    d.get("cosine_s", 8e-3))
+                                    d.get("cosine_s", 8e-3), d.get("zero_terminal_snr", False))
 
 
 def check_sampling(cfg: ml_collections.ConfigDict) -> None:
-    """Validates the `sampling` section (used only after training) up front: sampler, steps, guidance, eta."""
-    sc, num_timesteps = cfg.sampling, cfg.diffusion.num_timesteps
-    get_sampler(sc.sampler)
-    if sc.sampler != "ddpm" and not 1 <= sc.steps <= num_timesteps:
-        raise ValueError(f"sampling.steps must be in [1, {num_timesteps}], got {sc.steps}")
-    if not (sc.guidance >= 0 and math.isfinite(sc.guidance)):
-        raise ValueError(f"sampling.guidance must be a finite number >= 0, got {sc.guidance}")
-    if not sc.eta >= 0:
-        raise ValueError(f"sampling.eta must be >= 0, got {sc.eta}")
-    if sc.sampler == "plms" and sc.eta != 0:
-        raise ValueError(f"sampling.eta must be 0 for the plms sampler, got {sc.eta}")
+    """Validates the `sampling` section (used only after training) up front."""
+    sc = cfg.sampling
+    check_sampling_options(cfg.diffusion.num_timesteps, sc.sampler, sc.steps, sc.eta, sc.guidance, sc.spacing,
+                           sc.karras, sc.order, sc.guidance_rescale)
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -248,7 +244,8 @@ def make_train_step(cfg, model: LatentDiffusionModel, first_stage: FirstStage, t
             def model_fn(x_t, t):
                 return model.apply({"params": params}, x_t, t, cond, train=True, rngs={"dropout": k_dropout})
 
-            return diffusion_loss(sched, model_fn, z, k_loss, d.parameterization, d.loss_type)
+            return diffusion_loss(sched, model_fn, z, k_loss, d.parameterization, d.loss_type, d.snr_gamma,
+                                  d.offset_noise)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         finite = all_finite(loss, grads)

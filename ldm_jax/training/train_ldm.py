@@ -145,7 +145,8 @@ def sample_grid(config, model, sched, fs: L.FirstStage, state: L.LDMState, null_
         cond.pop("mask", None)
     uncond = L.null_condition(config, cond, None if null_tokens is None else jnp.asarray(null_tokens))
     sample = make_sample_fn(lambda p, x, t, c: model.apply({"params": p}, x, t, c), sched, sc.sampler, sc.steps,
-                            sc.eta, sc.guidance, config.diffusion.parameterization, shared_x=True)
+                            sc.eta, sc.guidance, config.diffusion.parameterization, sc.spacing, shared_x=True,
+                            karras=sc.karras, order=sc.order, guidance_rescale=sc.guidance_rescale)
     res = config.data.resolution
     shape = (len(labels), res // fs.factor, res // fs.factor, fs.latent_channels)
 
