@@ -167,3 +167,23 @@ def test_train_py_user_errors_are_one_line(tmp_path, case):
     assert rc == 2, err[-2000:]
     assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert re.search(expect, lines[0]), lines[0]
+
+
+def test_16bit_and_palette_pngs_convert_without_clipping(tmp_path, caplog):
+    from PIL import Image
+
+    from ldm_jax.data.sources import ImageFolderSource
+
+    ramp = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "a16.png")  # mode I;16
+    pal = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).convert("P")
+    pal.save(tmp_path / "b_palette.png")
+    (tmp_path / "c_bad.png").write_bytes(b"not a png")
+    src = ImageFolderSource(str(tmp_path))
+    img16 = src.get(0)["image"]
+    np.testing.assert_array_equal(img16[..., 0], np.round(ramp / 257.0).astype(np.uint8))  # scaled, not clipped
+    assert img16.shape == (8, 8, 3) and img16.max() == 255 and len(np.unique(img16)) > 60
+    np.testing.assert_array_equal(src.get(1)["image"][..., 0], np.asarray(pal.convert("L")))
+    with caplog.at_level("WARNING"):
+        src.get(2)  # unreadable: the next readable one, with its name logged
+    assert src.num_skipped == 1 and "c_bad.png" in caplog.text

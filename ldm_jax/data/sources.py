@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import threading
 import warnings
@@ -125,6 +126,9 @@ class PhotoSource:
         return _example(patch, photo_idx)
 
 
+_LOGGED_BAD_FILES = 10  # unreadable files named in the log; later ones are only counted
+
+
 class ImageFolderSource:
     """Images under `path` (recursive, sorted), decoded lazily with PIL to RGB.
 
@@ -174,7 +178,11 @@ class ImageFolderSource:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette-transparency / EXIF warnings are noise here
             with Image.open(file) as im:
-                return np.asarray(im.convert("RGB"))  # convert() forces the full decode
+                if im.mode.startswith("I"):  # 16/32-bit grayscale: PIL's RGB conversion would clip at 255
+                    gray = np.asarray(im, dtype=np.float64) / 257.0  # 65535 -> 255
+                    gray = np.clip(np.round(gray), 0, 255).astype(np.uint8)
+                    return np.repeat(gray[..., None], 3, axis=-1)
+                return np.asarray(im.convert("RGB"))  # convert() forces the full decode; palettes expand
 
     def get(self, index: int) -> dict:
         """Returns file `index` decoded (uint8 H x W x 3), or the next readable file if it is unreadable."""
@@ -187,9 +195,16 @@ class ImageFolderSource:
                 continue
             try:
                 return _example(self._decode(self.files[j]), self.labels[j])
-            except _DECODE_ERRORS:
+            except _DECODE_ERRORS as e:
                 with self._lock:
+                    new = j not in self._bad
                     self._bad.add(j)
+                    count = len(self._bad)
+                if new and count <= _LOGGED_BAD_FILES:
+                    logging.warning("data.path: skipping unreadable image %s (%s)", self.files[j], _first_line(e))
+                elif new and count == _LOGGED_BAD_FILES + 1:
+                    logging.warning("data.path: more unreadable images skipped; the count goes to metrics.json "
+                                    "(skipped_files)")
         raise ValueError(f"data.path: none of the {n} image files under {self.path!r} can be decoded")
 
 
