@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     set_default_xla_flags()  # before jax is imported
     from ldm_jax import inference
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"sample.py: error: --out {args.out} exists and is not a directory", file=sys.stderr)
+        return 2
     try:
         # Everything a user can get wrong is checked against config.json before loading or compiling.
         config = inference.read_config(args.workdir)

@@ -187,3 +187,37 @@ def test_16bit_and_palette_pngs_convert_without_clipping(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         src.get(2)  # unreadable: the next readable one, with its name logged
     assert src.num_skipped == 1 and "c_bad.png" in caplog.text
+
+
+def test_convert_damaged_files_are_one_line(tmp_path, capsys):
+    import argparse
+
+    import torch
+
+    from ldm_jax.convert.__main__ import main as convert_main
+    from ldm_jax.convert.core import load_state_dict
+
+    rng = np.random.default_rng(0)
+    cases = {"rand.ckpt": r"not a readable PyTorch checkpoint \(damaged, truncated or another format\)$",
+             "bad.safetensors": r"not a readable \.safetensors file \(.*\); the file is damaged or truncated$"}
+    for name, pattern in cases.items():
+        path = tmp_path / name
+        path.write_bytes(rng.bytes(4096 if name.endswith("ckpt") else 100))
+        assert convert_main([str(path), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(pattern, err), err
+        assert "weights_only=False" not in err  # torch's unsafe hint is not passed on
+    path = tmp_path / "objects.ckpt"  # a refused object keeps its own message
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "callback": argparse.Namespace(a=1)}, path)
+    with pytest.raises(ValueError, match="not loaded for safety"):
+        load_state_dict(str(path))
+
+
+def test_sample_py_out_is_a_file(tmp_path, capsys):
+    import sample
+
+    out = tmp_path / "taken"
+    out.write_text("x")
+    assert sample.main(["--workdir", str(tmp_path), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"sample.py: error: --out {out} exists and is not a directory"
+    assert out.read_text() == "x"

@@ -144,14 +144,19 @@ def load_state_dict(path: str) -> StateDict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         try:
-            return {k: _as_float32(v) for k, v in load_file(path).items()}
-        except (TypeError, ValueError):  # bfloat16 tensors: numpy cannot hold them, torch can
-            from safetensors.torch import load_file as load_torch
+            try:
+                return {k: _as_float32(v) for k, v in load_file(path).items()}
+            except (TypeError, ValueError):  # bfloat16 tensors: numpy cannot hold them, torch can
+                from safetensors.torch import load_file as load_torch
 
-            return {k: _torch_to_numpy(v) for k, v in load_torch(path).items()}
+                return {k: _torch_to_numpy(v) for k, v in load_torch(path).items()}
+        except SafetensorError as e:
+            raise ValueError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0]}); the file is "
+                             f"damaged or truncated") from e
     try:
         import torch
     except ImportError as e:
@@ -159,8 +164,15 @@ def load_state_dict(path: str) -> StateDict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refuses arbitrary objects: we never unpickle those
+        first = str(e).splitlines()[0] if str(e) else ""
+        if "Unsupported global" not in str(e) and "weights_only" in first:
+            # Not a refused object but bytes torch cannot parse: torch's hint (weights_only=False) would be unsafe
+            # and useless here.
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint (damaged, truncated or another format)") from e
         raise ValueError(f"{path}: holds non-tensor Python objects that are not loaded for safety "
-                         f"({str(e).splitlines()[0]}); use the .safetensors release of this checkpoint") from e
+                         f"({first}); use the .safetensors release of this checkpoint") from e
+    except (RuntimeError, EOFError) as e:  # zip/pickle framing torch cannot read
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint (damaged, truncated or another format)") from e
     step = obj.get("global_step") if isinstance(obj, dict) else None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

@@ -77,8 +77,8 @@ class Run:
                                   self.state_sh)
             state, meta = self.ckpt.restore_intact(target, check=lambda meta: check_resume(
                 meta, self.config, self.ckpt.directory))
-            if dataset is not None and "data" in meta:
-                dataset.restore(meta["data"])
+            if dataset is not None and "data" in meta and not self.config.train.allow_resume_changes:
+                dataset.restore(meta["data"])  # refuses another seed, batch size or data set size
             logging.info("restored checkpoint at step %d", int(state.step))
         common.save_config(self.config, self.workdir)
         self.writer = common.make_writer(self.workdir)
