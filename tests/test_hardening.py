@@ -221,3 +221,12 @@ def test_sample_py_out_is_a_file(tmp_path, capsys):
     assert sample.main(["--workdir", str(tmp_path), "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip() == f"sample.py: error: --out {out} exists and is not a directory"
     assert out.read_text() == "x"
+
+
+def test_stage1_compiles_its_gan_program_mid_run(tmp_path):
+    """The PatchGAN program is compiled when disc_start is reached, from the live state (the initial state's
+    buffers were donated to the first step by then), and the run ends normally."""
+    cfg = su.tiny_ae_config(**{"loss.disc_start": 2, "train.num_steps": 4, "train.ckpt_every": 4})
+    train_autoencoder.train_and_evaluate(cfg, str(tmp_path))
+    assert su.committed_steps(str(tmp_path)) == [4]
+    assert json.loads((tmp_path / "metrics.json").read_text())["skipped_updates"] == 0.0

@@ -95,11 +95,12 @@ class Run:
 
     # --- the loop ---
 
-    def train(self, state: Any, batches: Iterator[dict], step_for: Callable[[int], Callable], args: tuple = (),
+    def train(self, state: Any, batches: Iterator[dict], step_for: Callable[[int, Any], Callable], args: tuple = (),
               data_state: Callable[[int], dict] | None = None,
               hooks: tuple[Callable[[int, Any], None], ...] = ()) -> LoopResult:
         """Runs steps int(state.step) .. train.num_steps - 1. `batches` yields this process's host batch for each
-        of those steps in order; `step_for(step)` is the compiled step (stage 1 switches at disc_start);
+        of those steps in order; `step_for(step, state)` is the compiled step (stage 1 switches at disc_start and
+        compiles the second program then, from the live state: the initial one has been donated);
         `hooks(done, state)` run after every step (e.g. periodic grids); `data_state(done)` goes into the
         checkpoint's meta."""
         from clu import periodic_actions
@@ -125,7 +126,7 @@ class Run:
         next_batch = mesh_lib.global_batch(next(batches), mesh) if start < tc.num_steps else None
         for step in range(start, tc.num_steps):
             batch = next_batch
-            state, metrics = step_for(step)(state, batch, *args)  # dispatched; runs while we go on
+            state, metrics = step_for(step, state)(state, batch, *args)  # dispatched; runs while we go on
             done = step + 1
             if done < tc.num_steps:
                 next_batch = mesh_lib.global_batch(next(batches), mesh)

@@ -71,11 +71,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         example = mesh_lib.global_batch(train_ds.batch_at(0), mesh)
         compiled: dict[bool, Any] = {}
 
-        def step_for(step: int):
+        def step_for(step: int, live_state):
             use_disc = disc_on and step >= config.loss.disc_start
             if use_disc not in compiled:
                 fn = ae.make_train_step(config, model, disc, tx_g, tx_d, use_disc)
-                compiled[use_disc] = run.compile(fn, state, example, (lpips_arg,), (lp_sh,),
+                compiled[use_disc] = run.compile(fn, live_state, example, (lpips_arg,), (lp_sh,),
                                                  f"autoencoder_step(use_disc={use_disc})")
             return compiled[use_disc]
 

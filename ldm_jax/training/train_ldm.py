@@ -111,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                  mesh_lib.global_batch(first, mesh), args,
                                  (jax.tree.map(lambda _: rep, fs_vars), None if null_arg is None else rep), "ldm_step")
         out = run.train(state, host_batches(ds, int(state.step), lambda b: host_batch(config, b, token_table)),
-                        lambda step: train_step, args, data_state=lambda done: ds.state() | {"step": done})
+                        lambda step, live_state: train_step, args, data_state=lambda done: ds.state() | {"step": done})
         if out.preempted:
             return {}
         results = {"final_loss": out.last_metrics.get("loss", float("nan"))}
