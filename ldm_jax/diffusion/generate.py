@@ -10,7 +10,7 @@ import jax
 
 from ldm_jax.diffusion.samplers import DDIM_SPACINGS, classifier_free_guidance, get_sampler
 from ldm_jax.diffusion.schedules import DiffusionSchedule
-from ldm_jax.diffusion.solvers import KARRAS, SOLVERS
+from ldm_jax.diffusion.solvers import KARRAS, SOLVERS, check_solver_options
 
 
 def check_sampling_options(num_timesteps: int, sampler: str, steps: int, eta: float = 0.0, guidance: float = 1.0,
@@ -30,15 +30,7 @@ def check_sampling_options(num_timesteps: int, sampler: str, steps: int, eta: fl
     if not 0.0 <= guidance_rescale <= 1.0:
         raise ValueError(f"{prefix}guidance_rescale must be in [0, 1], got {guidance_rescale}")
     if sampler in SOLVERS:
-        from ldm_jax.diffusion.solvers import SPACINGS
-
-        if spacing and spacing not in SPACINGS:
-            raise ValueError(f"{prefix}spacing must be one of {', '.join(SPACINGS)} for {sampler}; got {spacing!r}")
-        if karras and sampler not in KARRAS:
-            raise ValueError(f"{prefix}karras: the {sampler} sampler has no Karras sigmas (only "
-                             f"{', '.join(KARRAS)})")
-        if order != 2 and sampler != "unipc" or order not in (1, 2, 3):
-            raise ValueError(f"{prefix}order must be 2 for {sampler} (1, 2 or 3 for unipc), got {order}")
+        check_solver_options(sampler, spacing, karras, order, prefix)
         return
     if karras:
         raise ValueError(f"{prefix}karras: the {sampler} sampler has no Karras sigmas (only {', '.join(KARRAS)})")

@@ -99,17 +99,23 @@ def _alpha_sigma(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return alpha, s * alpha
 
 
+def check_solver_options(solver: str, spacing: str = "", karras: bool = False, order: int = 2,
+                         prefix: str = "sampling.") -> None:
+    """One-line ValueError for an unknown solver or an option it lacks (spacing '' = its default)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"{prefix}sampler must be one of ddpm, ddim, plms, {', '.join(SOLVERS)}; got {solver!r}")
+    if spacing and spacing not in SPACINGS:
+        raise ValueError(f"{prefix}spacing must be one of {', '.join(SPACINGS)} for {solver}; got {spacing!r}")
+    if karras and solver not in KARRAS:
+        raise ValueError(f"{prefix}karras: the {solver} sampler has no Karras sigmas (only {', '.join(KARRAS)})")
+    if order != 2 and solver != "unipc" or order not in (1, 2, 3):
+        raise ValueError(f"{prefix}order must be 2 for {solver} (1, 2 or 3 for unipc), got {order}")
+
+
 def plan(solver: str, sched: DiffusionSchedule, steps: int, spacing: str = "linspace", karras: bool = False,
          order: int = 2) -> Plan:
     """Coefficients of `solver` for `steps` model evaluations (see the module doc)."""
-    if solver not in SOLVERS:
-        raise ValueError(f"sampling.sampler must be one of ddpm, ddim, plms, {', '.join(SOLVERS)}; got {solver!r}")
-    if karras and solver not in KARRAS:
-        raise ValueError(f"sampling.karras: the {solver} sampler has no Karras sigmas (only {', '.join(KARRAS)})")
-    if solver == "unipc" and order not in (1, 2, 3):
-        raise ValueError(f"sampling.order must be 1, 2 or 3 for unipc, got {order}")
-    if solver != "unipc" and order != 2:
-        raise ValueError(f"sampling.order applies to unipc only (the {solver} sampler's order is fixed)")
+    check_solver_options(solver, spacing, karras, order)
     abar = np.asarray(sched.alphas_cumprod, np.float64)
     abar = np.where(abar > 0, abar, _MIN_ABAR)  # zero terminal SNR: diffusers sets abar_T = 2**-24
     euler = solver.startswith("euler")
