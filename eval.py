@@ -16,6 +16,8 @@ import json
 import os
 import sys
 
+from ldm_jax.cli import SAMPLING_FLAGS, add_sampling_flags
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -24,17 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_samples", type=int, default=None,
                    help="held-out images (stage 1, default 2000) or samples (stage 2, default 1000)")
     p.add_argument("--batch_size", type=int, default=100)
-    p.add_argument("--sampler", default=None,
-                   help="ddim | ddpm | plms | dpmpp_2m | dpmpp_2m_sde | euler | euler_a | unipc "
-                   "(default: the config's)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the config's)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the config's)")
-    p.add_argument("--spacing", default=None, help="timestep spacing: uniform | quad (ddim/plms) | linspace | "
-                   "leading | trailing (default: the config's; '' = the sampler's own)")
-    p.add_argument("--karras", action="store_true", default=None, help="Karras sigmas (dpmpp_*, euler, unipc)")
-    p.add_argument("--order", type=int, default=None, help="unipc order: 1, 2 or 3 (default: the config's)")
-    p.add_argument("--guidance_rescale", type=float, default=None, help="guidance rescale phi in [0, 1]")
+    add_sampling_flags(p)
     p.add_argument("--feature", default="fmnist", help="fmnist (Fashion-MNIST classifier) | inception (true FID)")
     p.add_argument("--inception_weights", default=None, help="pytorch-fid pt_inception-*.pth (or .npz/.safetensors)")
     p.add_argument("--lpips_weights", default=None, help="LPIPS .npz (default: ~/.cache/ldm_jax/lpips_vgg16.npz)")
@@ -53,10 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     set_default_xla_flags()  # before jax is imported
     from ldm_jax.evaluate_workdir import evaluate_workdir, write_json
 
-    opts = {k: getattr(args, k) for k in ("num_samples", "batch_size", "sampler", "steps", "eta", "guidance", "spacing",
-                                          "karras", "order", "guidance_rescale",
-                                          "feature", "inception_weights", "lpips_weights", "num_real",
-                                          "first_stage", "seed")}
+    opts = {k: getattr(args, k) for k in ("num_samples", "batch_size", *SAMPLING_FLAGS, "feature",
+                                          "inception_weights", "lpips_weights", "num_real", "first_stage", "seed")}
     try:
         result = evaluate_workdir(args.workdir, **opts)
     except (ValueError, FileNotFoundError) as e:

@@ -15,6 +15,8 @@ import argparse
 import os
 import sys
 
+from ldm_jax.cli import SAMPLING_FLAGS, add_sampling_flags
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -22,19 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output directory for NNNNNN.png and grid.png")
     p.add_argument("--num_samples", type=int, default=16)
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--sampler", default=None,
-                   help="ddim | ddpm | plms | dpmpp_2m | dpmpp_2m_sde | euler | euler_a | unipc "
-                   "(default: the config's sampling.sampler)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (ddim/plms; ddpm uses all T; "
-                   "default: the config's)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic; default: the config's)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (1: none; default: the config's)")
-    p.add_argument("--spacing", default=None, help="timestep spacing: uniform | quad (ddim/plms) | linspace | "
-                   "leading | trailing (default: the config's; '' = the sampler's own)")
-    p.add_argument("--karras", action="store_true", default=None, help="Karras sigmas (dpmpp_*, euler, unipc)")
-    p.add_argument("--order", type=int, default=None, help="unipc order: 1, 2 or 3 (default: the config's)")
-    p.add_argument("--guidance_rescale", type=float, default=None, help="guidance rescale phi in [0, 1]")
+    add_sampling_flags(p)
     p.add_argument("--class_label", type=int, action="append", help="class index (repeatable)")
     p.add_argument("--prompt", action="append", help="text prompt (repeatable)")
     p.add_argument("--size_factor", type=int, default=1, help="sample at this × the training latent side")
@@ -58,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Everything a user can get wrong is checked against config.json before loading or compiling.
         config = inference.read_config(args.workdir)
-        opts = dict(inference.sampling_options(config, args.sampler, args.steps, args.eta, args.guidance,
-                                               args.spacing, args.karras, args.order, args.guidance_rescale),
+        opts = dict(inference.sampling_options(config, **{k: getattr(args, k) for k in SAMPLING_FLAGS}),
                     class_labels=args.class_label, prompts=args.prompt, size_factor=args.size_factor)
         inference.check_sample_args(config, num_samples=args.num_samples, batch_size=args.batch_size,
                                     seed=args.seed, **opts)

@@ -24,7 +24,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _debug() -> bool:
-    return os.environ.get("LDM_JAX_DEBUG", "") not in ("", "0") or "--verbose" in sys.argv
+    if os.environ.get("LDM_JAX_DEBUG", "") not in ("", "0"):
+        return True
+    # Before (or when) parsing fails, the flag's value is not known: look for it on the command line.
+    return _VERBOSE.value if flags.FLAGS.is_parsed() else "--verbose" in sys.argv
 
 
 def _fail(message: str) -> None:

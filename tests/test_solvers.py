@@ -12,7 +12,7 @@ from diffusers.schedulers import scheduling_euler_ancestral_discrete as ea_modul
 
 from ldm_jax.diffusion import DiffusionSchedule
 from ldm_jax.diffusion.samplers import classifier_free_guidance
-from ldm_jax.diffusion.solvers import plan, solver_sample
+from ldm_jax.diffusion.solvers import solver_sample
 
 SHAPE = (2, 4, 4, 3)
 GUIDANCE = 3.0
@@ -65,10 +65,9 @@ def ours(solver, sched, steps, z, noises, pred, karras, spacing, guidance):
 
     cond, uncond = jnp.full((SHAPE[0],), 0.5), jnp.zeros((SHAPE[0],))
     model_fn = classifier_free_guidance(model_cond, cond, uncond, guidance)
-    n = len(plan(solver, sched, steps, spacing, karras).t)
     return solver_sample(model_fn, sched, SHAPE, jax.random.key(0), solver=solver, steps=steps, spacing=spacing,
                          karras=karras, parameterization=pred, x_T=jnp.asarray(z),
-                         noises=jnp.asarray(noises[:n]) if noises is not None else None, trajectory=True)
+                         noises=None if noises is None else jnp.asarray(noises), trajectory=True)
 
 
 CASES = [

@@ -1,5 +1,5 @@
 """Post-paper samplers: DPM-Solver++ (2M, and its SDE variant), Euler and Euler ancestral (k-diffusion, in
-sigma space), UniPC (bh2, order 2 or 3), with diffusers' timestep spacings and Karras sigmas.
+sigma space), UniPC (bh2, order 1 to 3), with diffusers' timestep spacings and Karras sigmas.
 
 Every one of them, written in the variance-preserving x (what the network sees), is a linear multistep method in
 the data prediction D_i = x0(x_i, t_i): an optional corrector x_i <- a x_i + b x_{i-1} + sum_k c_k D_{i-k} (UniPC),
@@ -43,7 +43,7 @@ class Plan:
     integer_t: bool  # the network gets int32 timesteps (rounded ones), else float32
 
 
-def solver_timesteps(num_timesteps: int, steps: int, spacing: str, include_last: bool = True) -> np.ndarray:
+def solver_timesteps(num_timesteps: int, steps: int, spacing: str) -> np.ndarray:
     """Descending timesteps as diffusers' DPM-Solver/UniPC schedulers space them (Euler uses its own linspace)."""
     T, S = int(num_timesteps), int(steps)
     if not 1 <= S <= T:
