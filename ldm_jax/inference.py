@@ -63,14 +63,19 @@ def sampling_options(config: ml_collections.ConfigDict, sampler: str | None = No
                      eta: float | None = None, guidance: float | None = None, spacing: str | None = None,
                      karras: bool | None = None, order: int | None = None,
                      guidance_rescale: float | None = None) -> dict[str, Any]:
-    """The config's `sampling` settings, each overridden where given (not None). `.get` with defaults: a
-    config.json written before a field existed still loads."""
+    """The config's `sampling` settings, each overridden where given (not None). The sampler's own options (eta,
+    spacing, karras, order) come from the config only for the config's sampler: naming another sampler starts
+    them from their neutral values, so e.g. a DDIM eta of 1 does not follow `--sampler dpmpp_2m`. `.get` with
+    defaults: a config.json written before a field existed still loads."""
     sc = config.get("sampling", {})
     pick = lambda given, name, default: sc.get(name, default) if given is None else given  # noqa: E731
-    return dict(sampler=pick(sampler, "sampler", "ddim"), steps=int(pick(steps, "steps", 50)),
-                eta=float(pick(eta, "eta", 0.0)), guidance=float(pick(guidance, "guidance", 1.0)),
-                spacing=str(pick(spacing, "spacing", "")), karras=bool(pick(karras, "karras", False)),
-                order=int(pick(order, "order", 2)),
+    chosen = pick(sampler, "sampler", "ddim")
+    own = sc if chosen == sc.get("sampler", "ddim") else {}
+    pick_own = lambda given, name, default: own.get(name, default) if given is None else given  # noqa: E731
+    return dict(sampler=chosen, steps=int(pick(steps, "steps", 50)),
+                eta=float(pick_own(eta, "eta", 0.0)), guidance=float(pick(guidance, "guidance", 1.0)),
+                spacing=str(pick_own(spacing, "spacing", "")), karras=bool(pick_own(karras, "karras", False)),
+                order=int(pick_own(order, "order", 2)),
                 guidance_rescale=float(pick(guidance_rescale, "guidance_rescale", 0.0)))
 
 

@@ -200,3 +200,17 @@ def test_offset_noise_shifts_each_channel():
         diffusion_loss(sched, model, x0, jax.random.key(0), "eps", offset_noise=1.0)[1]["t"])].reshape(-1, 1, 1, 1)
     per_channel_mean = noise.mean(axis=(1, 2))  # (B, C): ~ N(0, 1) offsets, not ~ N(0, 1/64)
     assert 0.6 < per_channel_mean.std() < 1.4
+
+
+def test_sampling_options_keep_the_configs_sampler_options_to_that_sampler():
+    from ldm_jax.config_defaults import ldm_config
+    from ldm_jax.inference import sampling_options
+
+    cfg = ldm_config()
+    cfg.sampling.update(sampler="ddim", steps=50, eta=1.0, guidance=3.0, spacing="quad")
+    assert sampling_options(cfg)["eta"] == 1.0 and sampling_options(cfg)["spacing"] == "quad"
+    other = sampling_options(cfg, sampler="dpmpp_2m", steps=20)
+    assert other == dict(sampler="dpmpp_2m", steps=20, eta=0.0, guidance=3.0, spacing="", karras=False, order=2,
+                         guidance_rescale=0.0)
+    assert sampling_options(cfg, sampler="ddim")["eta"] == 1.0  # naming the config's own sampler keeps them
+    assert sampling_options(cfg, sampler="euler_a", eta=0.5)["eta"] == 0.5  # given values always win
