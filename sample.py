@@ -1,7 +1,8 @@
 """Sample a trained latent diffusion model into numbered PNGs (resumable) and a grid.
 
 python sample.py --workdir runs/ldm --num_samples 100 --batch_size 25 --sampler ddim --steps 50 --eta 0 \
-    --guidance 3.0 [--class_label 7 | --prompt "a photo of a sneaker"] [--size_factor 2] [--seed 0] --out samples/
+    --guidance 3.0 [--class_label 7 | --prompt "a photo of a sneaker"] [--size_factor 2] [--seed 0] --out samples/ \
+    [--init_noise x_T.npy] [--init_image photo.png --strength 0.75]
 
 Labels and prompts may be repeated; sample i uses the (i mod count)-th (default: all classes, or for
 Fashion-MNIST text models the training captions). Spatial conditions (low-res, inpainting, semantic) come
@@ -30,6 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size_factor", type=int, default=1, help="sample at this × the training latent side")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--first_stage", default=None, help="stage-1 workdir (default: the one the config names)")
+    p.add_argument("--init_noise", default=None, help=".npy of starting latents: (N, h, w, c), or (h, w, c) for all")
+    p.add_argument("--init_image", default=None,
+                   help="img2img (SDEdit, DDIM): an image file or a folder; sample i starts from image i mod count")
+    p.add_argument("--strength", type=float, default=0.75,
+                   help="img2img: share of the DDIM steps run from the noised image (1: nearly text-to-image)")
     return p.parse_args(argv)
 
 
@@ -52,11 +58,25 @@ def main(argv: list[str] | None = None) -> int:
                     class_labels=args.class_label, prompts=args.prompt, size_factor=args.size_factor)
         inference.check_sample_args(config, num_samples=args.num_samples, batch_size=args.batch_size,
                                     seed=args.seed, **opts)
+        inputs, arrays = {}, {}
+        if args.init_noise:
+            arrays["x_T"] = inference.load_init_noise(args.init_noise)
+            inputs["init_noise"] = os.path.abspath(args.init_noise)
+        if args.init_image:
+            if opts["sampler"] != "ddim":
+                raise ValueError(f"--init_image (img2img) samples with DDIM, as SD's img2img script; got --sampler "
+                                 f"{opts['sampler']}")
+            arrays["init_images"] = inference.load_init_images(args.init_image, config, args.size_factor)
+            inputs["init_image"] = os.path.abspath(args.init_image)
+            opts["strength"] = float(args.strength)
+            if not 0.0 < args.strength <= 1.0:
+                raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
         ldm = inference.LoadedLDM.load(args.workdir, args.first_stage)
         from tqdm import tqdm
 
         stats = ldm.sample_to_dir(args.out, args.num_samples, args.batch_size, seed=args.seed,
-                                  progress=lambda it: tqdm(it, desc="batches", unit="batch"), **opts)
+                                  progress=lambda it: tqdm(it, desc="batches", unit="batch"), inputs=inputs,
+                                  **arrays, **opts)
     except (ValueError, FileNotFoundError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2

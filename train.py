@@ -65,6 +65,9 @@ def main(argv):
         path = flags.FLAGS["config"].config_filename
         if not os.path.isfile(path.split(":")[0]):
             _fail(f"--config {path}: no such file")
+        if path.split(":")[0].endswith(".json"):
+            _fail(f"--config {path}: a workdir's config.json is a record, not a config file; to fine-tune that "
+                  "workdir: --config configs/finetune_sd.py --config.init_from=DIR (docs/pretrained.md)")
         _fail(f"--config {path}: {type(e).__name__}: {str(e).splitlines()[-1].strip()}")
     logging.set_verbosity(logging.INFO)
     # Orbax logs every file it writes at INFO: keep its warnings, drop the chatter.

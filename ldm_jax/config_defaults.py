@@ -52,6 +52,7 @@ def ldm_config() -> ml_collections.ConfigDict:
     from ml_collections import config_dict
 
     c = base_config("ldm")
+    c.init_from = ""  # a stage-2 workdir to fine-tune: a new run from its weights (training/init_from.py)
     c.first_stage = ml_collections.ConfigDict(dict(
         workdir="", scale_factor=1.0, scale_by_std=False, sample_posterior=True,
     ))
@@ -67,6 +68,7 @@ def ldm_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         conditioning_key=config_dict.placeholder(str),  # crossattn | concat | hybrid | adm | None
         cond_stage="none", n_classes=0, context_dim=512, vocab_size=0, text_layers=1, text_max_len=77,
+        train_text_encoder=True,  # text/clip τθ trained with the UNet (False: frozen, as SD fine-tuning)
         concat_channels=0, concat_rescale_stages=0, concat_in_channels=0, latent_channels=0, dtype="float32",
         unet=ml_collections.ConfigDict(dict(
             in_channels=3, out_channels=3, model_channels=224, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
@@ -83,8 +85,11 @@ def ldm_config() -> ml_collections.ConfigDict:
     ))
     # sampler: ddpm | ddim | plms | dpmpp_2m | dpmpp_2m_sde | euler | euler_a | unipc; spacing '' = the sampler's
     # default (ddim/plms: the reference's 'uniform'; the solvers: diffusers' 'linspace').
+    # prompts: text models' grid rows and sample.py's default prompts (() = the data set's own, set by train.py);
+    # pair_eval_samples: fashion_mnist_pairs runs judge this many samples per ordered pair at the end.
     c.sampling = ml_collections.ConfigDict(dict(sampler="ddim", steps=50, eta=0.0, guidance=1.0, grid_per_class=8,
-                                                spacing="", karras=False, order=2, guidance_rescale=0.0))
+                                                spacing="", karras=False, order=2, guidance_rescale=0.0,
+                                                prompts=(), pair_eval_samples=10))
     c.train.update(batch_size=48, base_lr=2e-6, ema_decay=0.9999, warmup_steps=0, weight_decay=0.01,
                    num_steps=500_000, ckpt_every=5000)
     c.data.update(name="folder", resolution=256, channels=3, preprocess="resize", random_flip=True)

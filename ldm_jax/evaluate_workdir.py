@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ldm_jax.data.pipeline import image_size
 from ldm_jax.evaluation import evaluate as E
 from ldm_jax.evaluation.frechet import FeatureStats
 
@@ -46,6 +47,11 @@ def _feature(kind: str, inception_weights: str | None, image_shape: tuple[int, .
     """The feature extractor, or None with the reason recorded (missing weights, wrong image shape)."""
     if kind not in E.FEATURES:
         raise ValueError(f"--feature must be one of {', '.join(E.FEATURES)}, got {kind!r}")
+    if kind == "fmnist" and tuple(image_shape) != (32, 32, 1):  # never train the judge for unrelated data
+        unavailable[key] = (f"no feature extractor for this data: the Fashion-MNIST classifier reads 32x32x1 "
+                            f"Fashion-MNIST images, these are {'x'.join(map(str, image_shape))} (use --feature "
+                            "inception --inception_weights PATH for FID)")
+        return None
     try:
         extractor = E.make_feature_extractor(kind, inception_weights)
         extractor.check(image_shape)
@@ -74,7 +80,7 @@ def evaluate_autoencoder(workdir: str, *, num_samples: int = 2000, batch_size: i
     split = split or config.eval.get("split", "test")
     ds = make_dataset(config.data, split, batch_size, seed, augment=False)
     num = min(int(num_samples), ds.num_examples)
-    image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
+    image_shape = (*image_size(config.data), config.data.channels)
     unavailable: dict[str, str] = {}
     extractor = _feature(feature, inception_weights, image_shape, unavailable,
                          "rfid" if feature == "inception" else f"rfd_{feature}")
@@ -154,8 +160,7 @@ def evaluate_ldm(workdir: str | None = None, *, ldm: Any = None, num_samples: in
     config = ldm.config
     opts = inference.sampling_options(config, sampler, steps, eta, guidance, spacing, karras, order, guidance_rescale)
     inference.check_sample_args(config, num_samples=num_samples, batch_size=batch_size, seed=seed, **opts)
-    res = int(config.data.resolution)
-    image_shape = (res, res, int(config.data.channels))
+    image_shape = (*image_size(config.data), int(config.data.channels))
     unavailable: dict[str, str] = {}
     fd_key = "fid" if feature == "inception" else f"fd_{feature}"
     extractor = _feature(feature, inception_weights, image_shape, unavailable, fd_key)

@@ -27,7 +27,9 @@ import numpy as np
 
 from ldm_jax.data.images import make_grid, save_png, to_uint8
 from ldm_jax.diffusion import SAMPLERS, DiffusionSchedule
-from ldm_jax.diffusion.generate import check_sampling_options, make_sample_fn
+from ldm_jax.diffusion.gaussian import q_sample
+from ldm_jax.diffusion.generate import check_sampling_options, make_sample_fn, sample_each
+from ldm_jax.diffusion.samplers import img2img_timestep
 from ldm_jax.models.latent_diffusion import LatentDiffusionModel
 from ldm_jax.training import ldm as L
 from ldm_jax.training.checkpoint import Checkpointer
@@ -110,24 +112,20 @@ def check_sample_args(config: ml_collections.ConfigDict, *, sampler: str = "ddim
             raise ValueError(f"--class_label must be in [0, {n - 1}] for this model, got {bad[0]}")
     if prompts and ctype != "text":
         raise ValueError(f"--prompt given but the model is not text-conditioned (condition.type={ctype!r})")
-    if ctype == "text" and not prompts and config.data.name != "fashion_mnist":
+    if ctype == "text" and not prompts and not default_prompts(config):
         raise ValueError("this text-conditioned model needs --prompt")
 
 
-def resolve_first_stage(workdir: str, config: ml_collections.ConfigDict, override: str | None = None) -> str:
-    """The stage-1 workdir: `override`, else first_stage.workdir as saved (relative to the current directory,
-    or failing that to the stage-2 workdir's parent, so a moved runs/ directory still loads)."""
-    if override:
-        return override
-    path = config.first_stage.workdir
-    candidates = [path]
-    if not os.path.isabs(path):
-        parent = os.path.dirname(os.path.abspath(workdir))
-        candidates += [os.path.join(parent, path), os.path.join(parent, os.path.basename(path))]
-    for c in candidates:
-        if os.path.isfile(os.path.join(c, "config.json")):
-            return c
-    return path  # load_first_stage names what is missing
+def default_prompts(config: ml_collections.ConfigDict) -> list[str]:
+    """A text model's prompts when none are given: its config's sampling.prompts (written by train.py), else, for
+    Fashion-MNIST runs made before that field, the class captions it was trained on."""
+    prompts = list(config.get("sampling", {}).get("prompts", ()) or ())
+    if not prompts and config.data.name == "fashion_mnist":
+        from ldm_jax.data.fashion_mnist import CLASS_NAMES
+        from ldm_jax.data.text import class_captions
+
+        prompts = class_captions(CLASS_NAMES)
+    return prompts
 
 
 def restore_ema(workdir: str) -> tuple[dict, float, int]:
@@ -184,7 +182,7 @@ class LoadedLDM:
     def load(cls, workdir: str, first_stage_workdir: str | None = None) -> LoadedLDM:
         """Reads config.json, the latest checkpoint's EMA params and scale_factor, the first stage, the tokenizer."""
         config = read_config(workdir)
-        fs = L.load_first_stage(resolve_first_stage(workdir, config, first_stage_workdir))
+        fs = L.load_first_stage(L.resolve_first_stage(workdir, config, first_stage_workdir))
         tokenizer = None
         if config.condition.type == "text":
             tokenizer = load_text_tokenizer(config, workdir)
@@ -196,10 +194,18 @@ class LoadedLDM:
     def resolution(self) -> int:
         return int(self.config.data.resolution)
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the training images."""
+        from ldm_jax.data.pipeline import image_size
+
+        return image_size(self.config.data)
+
     def latent_shape(self, size_factor: int = 1) -> tuple[int, int, int]:
         """(h, w, c) of the latents sampled at `size_factor` × the training size (convolutional sampling)."""
-        side = self.resolution // self.first_stage.factor * int(size_factor)
-        return side, side, self.first_stage.latent_channels
+        f, k = self.first_stage.factor, int(size_factor)
+        h, w = self.image_size
+        return h // f * k, w // f * k, self.first_stage.latent_channels
 
     # --- conditions of sample indices ---
 
@@ -215,15 +221,15 @@ class LoadedLDM:
         dc = self.config.data
         if self._source is None:
             self._source = make_source(dc, "test")
-        prep = Preprocessor(dc.resolution, dc.channels, dc.preprocess, False, augment=False)
+        prep = Preprocessor(dc.resolution, dc.channels, dc.preprocess, False, augment=False, width=dc.get("width"))
         exs = [self._source.get(int(i) % len(self._source)) for i in indices]
         out = {"image": to_float(np.stack([prep(e["image"]) for e in exs]))}
         if "segmentation" in exs[0]:
             out["segmentation"] = np.stack([e["segmentation"] for e in exs])
         if size_factor > 1:
-            r = self.resolution * size_factor
+            h, w = (side * size_factor for side in self.image_size)
             img = out["image"]
-            out["image"] = np.asarray(jax.image.resize(img, (len(img), r, r, img.shape[-1]), "linear"))
+            out["image"] = np.asarray(jax.image.resize(img, (len(img), h, w, img.shape[-1]), "linear"))
             if "segmentation" in out:
                 seg = out["segmentation"]
                 out["segmentation"] = np.repeat(np.repeat(seg, size_factor, axis=1), size_factor, axis=2)
@@ -238,11 +244,7 @@ class LoadedLDM:
             labels = np.asarray(class_labels) if class_labels else np.arange(real_classes(self.config))
             cond["label"] = labels[indices % len(labels)].astype(np.int32)
         elif ctype == "text":
-            if not prompts:
-                from ldm_jax.data.fashion_mnist import CLASS_NAMES
-                from ldm_jax.data.text import class_captions
-
-                prompts = class_captions(CLASS_NAMES)  # the training captions
+            prompts = prompts or default_prompts(self.config)
             table = self._tokens(prompts)
             cond["tokens"] = table[indices % len(prompts)]
         spatial = self._spatial_inputs(indices, size_factor) if ctype in SPATIAL_TYPES else {}
@@ -251,10 +253,10 @@ class LoadedLDM:
     # --- the compiled sampler ---
 
     def _generator(self, sampler: str, steps: int, eta: float, guidance: float, size_factor: int,
-                   solver_opts: dict[str, Any]) -> Callable:
+                   solver_opts: dict[str, Any], strength: float | None = None) -> Callable:
         key = (os.path.abspath(self.workdir), self.step, os.path.abspath(self.first_stage.workdir),
                self.config.to_json(sort_keys=True), sampler, steps, eta, guidance, size_factor,
-               tuple(sorted(solver_opts.items())))
+               tuple(sorted(solver_opts.items())), strength)
         if key in _GENERATORS:
             return _GENERATORS[key]
         cfg, fs, model, scale = self.config, self.first_stage, self.model, self.scale_factor
@@ -267,14 +269,15 @@ class LoadedLDM:
             null_tokens = jnp.asarray(self._tokens([NULL_TEXT])[0])
         sample = make_sample_fn(lambda p, x, t, c: model.apply({"params": p}, x, t, c), self.sched, sampler, steps,
                                 eta, guidance, cfg.diffusion.parameterization, shared_x=True, **solver_opts)
-        shape = (1, *self.latent_shape(size_factor))
-
-        def one(params, cond, uncond, key):
-            add_batch = lambda tree: jax.tree.map(lambda v: v[None], tree)  # noqa: E731
-            return sample(params, add_batch(cond), None if uncond is None else add_batch(uncond), key, shape)[0]
+        latent = self.latent_shape(size_factor)
+        extra: dict[str, Any] = {}
+        if strength is not None:
+            t_enc, t_noise = img2img_timestep(cfg.diffusion.num_timesteps, steps, strength,
+                                              solver_opts.get("spacing") or "uniform")
+            extra["start_index"] = t_enc
 
         @jax.jit
-        def generate(params, fs_vars, cond, spatial, indices, seed):
+        def generate(params, fs_vars, cond, spatial, indices, seed, x_T, init):
             # threefry whatever the default: its keys are exact under vmap (rbg's are not), so sample i
             # does not depend on its batch.
             base = jax.random.key(seed, impl="threefry2x32")
@@ -290,8 +293,13 @@ class LoadedLDM:
                                          segmentation=spatial.get("segmentation"))
                 sc.pop("mask", None)
                 cond = {**cond, **sc}
+            if init is not None:  # img2img: the encoded image (posterior mean) noised to the strength's timestep
+                if x_T is None:
+                    x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 2), latent))(keys)
+                z0 = fs.encode(fs_vars, init) * scale
+                x_T = q_sample(self.sched, z0, jnp.full((len(indices),), t_noise, jnp.int32), x_T)
             uncond = L.null_condition(cfg, cond, null_tokens) if guided else None
-            z = jax.vmap(one, in_axes=(None, 0, 0 if guided else None, 0))(params, cond, uncond, sample_keys)
+            z = sample_each(sample, params, cond, uncond, sample_keys, latent, x_T, **extra)
             x = jnp.clip(fs.decode(fs_vars, z / scale), -1.0, 1.0)
             if mask is not None:  # keep the known pixels exactly, as the reference inpainting script
                 x = mask * x + (1.0 - mask) * spatial["image"]
@@ -303,31 +311,63 @@ class LoadedLDM:
     def sample(self, indices: Iterable[int], *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
                guidance: float = 1.0, class_labels: Sequence[int] | None = None,
                prompts: Sequence[str] | None = None, size_factor: int = 1, seed: int = 0, spacing: str = "",
-               karras: bool = False, order: int = 2, guidance_rescale: float = 0.0) -> np.ndarray:
-        """Images float32 (len(indices), H, W, C) in [-1, 1] of samples `indices` (one compiled batch)."""
+               karras: bool = False, order: int = 2, guidance_rescale: float = 0.0, x_T: np.ndarray | None = None,
+               init_images: np.ndarray | None = None, strength: float = 0.75) -> np.ndarray:
+        """Images float32 (len(indices), H, W, C) in [-1, 1] of samples `indices` (one compiled batch).
+
+        x_T: the starting noise, (len(indices), h, w, c) latents (default: drawn from (seed, i)). init_images:
+        img2img (SDEdit, as SD's img2img script; DDIM only): (len(indices), H, W, C) images in [-1, 1] are encoded,
+        noised to the timestep of `strength` (x_T is that noise when given) and denoised from there."""
         indices = np.asarray(list(indices), np.int32)
         solver_opts = dict(spacing=spacing, karras=bool(karras), order=int(order),
                            guidance_rescale=float(guidance_rescale))
         check_sample_args(self.config, sampler=sampler, steps=steps, eta=eta, guidance=guidance,
                           class_labels=class_labels, prompts=prompts, size_factor=size_factor,
                           num_samples=len(indices), batch_size=max(len(indices), 1), seed=seed, **solver_opts)
+        if x_T is not None:
+            x_T = np.asarray(x_T, np.float32)
+            if x_T.shape != (len(indices), *self.latent_shape(size_factor)):
+                raise ValueError(f"--init_noise: shape {x_T.shape} != (samples, *latent shape) "
+                                 f"{(len(indices), *self.latent_shape(size_factor))}")
+        if init_images is not None:
+            if sampler != "ddim":
+                raise ValueError(f"--init_image (img2img) samples with DDIM, as SD's img2img script; got --sampler "
+                                 f"{sampler}")
+            h, w = (side * size_factor for side in self.image_size)
+            init_images = np.asarray(init_images, np.float32)
+            if init_images.shape[1:] != (h, w, self.config.data.channels) or len(init_images) != len(indices):
+                raise ValueError(f"--init_image: images of shape {init_images.shape[1:]}, the model needs "
+                                 f"{(h, w, self.config.data.channels)}")
         cond, spatial = self.conditions(indices, class_labels, prompts, size_factor)
-        gen = self._generator(sampler, int(steps), float(eta), float(guidance), int(size_factor), solver_opts)
-        out = gen(self.params, self.first_stage.variables, cond, spatial, jnp.asarray(indices), seed)
+        gen = self._generator(sampler, int(steps), float(eta), float(guidance), int(size_factor), solver_opts,
+                              None if init_images is None else float(strength))
+        out = gen(self.params, self.first_stage.variables, cond, spatial, jnp.asarray(indices), seed,
+                  None if x_T is None else jnp.asarray(x_T), None if init_images is None else jnp.asarray(init_images))
         return np.asarray(out)
 
     def sample_to_dir(self, out_dir: str, num_samples: int, batch_size: int, *, seed: int = 0,
-                      progress: Callable[[Iterable], Iterable] | None = None, **kwargs) -> dict[str, float]:
+                      progress: Callable[[Iterable], Iterable] | None = None, x_T: np.ndarray | None = None,
+                      init_images: np.ndarray | None = None, inputs: dict[str, str] | None = None,
+                      **kwargs) -> dict[str, float]:
         """Writes OUT/000000.png ... OUT/{N-1}.png and OUT/grid.png, skipping existing files (resume).
 
         Batches are always [kB, (k+1)B) padded to B, so a resumed run repeats the very same computations.
-        OUT/sampling.json records the settings; resuming with different ones is refused."""
-        check_sample_args(self.config, num_samples=num_samples, batch_size=batch_size, seed=seed, **kwargs)
+        OUT/sampling.json records the settings (and `inputs`: where x_T / init_images came from); resuming with
+        different ones is refused. x_T: one starting noise per sample (N, h, w, c), or one for all (h, w, c);
+        init_images: img2img sources, sample i uses image i mod len (see `sample`)."""
+        check_sample_args(self.config, num_samples=num_samples, batch_size=batch_size, seed=seed,
+                          **{k: v for k, v in kwargs.items() if k != "strength"})
+        if x_T is not None:
+            x_T = np.asarray(x_T, np.float32)
+            x_T = np.broadcast_to(x_T, (num_samples, *x_T.shape)) if x_T.ndim == 3 else x_T
+            if len(x_T) < num_samples:
+                raise ValueError(f"--init_noise holds {len(x_T)} starting noises for {num_samples} samples")
         if kwargs.get("guidance", 1.0) != 1.0 and not self.config.condition.get("p_uncond", 0.0):
             logging.warning("guidance %s: this model was trained without condition dropout (p_uncond 0), so its "
                             "null condition is untrained", kwargs["guidance"])
         settings = {"workdir": os.path.abspath(self.workdir), "checkpoint_step": self.step, "seed": seed,
-                    **{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in kwargs.items()}}
+                    **{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in kwargs.items()},
+                    **(inputs or {})}
         _check_settings(out_dir, settings)
         paths = [os.path.join(out_dir, f"{i:06d}.png") for i in range(num_samples)]
         todo = [k for k in range(math.ceil(num_samples / batch_size))
@@ -335,7 +375,12 @@ class LoadedLDM:
         t0, written = time.time(), 0
         for k in (progress(todo) if progress else todo):
             idx = np.arange(k * batch_size, (k + 1) * batch_size)
-            images = to_uint8(self.sample(idx, seed=seed, **kwargs))
+            extra: dict[str, np.ndarray] = {}
+            if x_T is not None:
+                extra["x_T"] = x_T[np.minimum(idx, num_samples - 1)]
+            if init_images is not None:
+                extra["init_images"] = init_images[idx % len(init_images)]
+            images = to_uint8(self.sample(idx, seed=seed, **kwargs, **extra))
             for i, img in zip(idx, images, strict=True):
                 if i < num_samples and not os.path.exists(paths[i]):
                     save_png(img, paths[i])
@@ -344,6 +389,35 @@ class LoadedLDM:
         write_grid(paths[:GRID_MAX], os.path.join(out_dir, "grid.png"))
         return {"written": written, "skipped": num_samples - written, "seconds": elapsed,
                 "samples_per_s": written / elapsed if written else 0.0}
+
+
+def load_init_images(path: str, config: ml_collections.ConfigDict, size_factor: int = 1) -> np.ndarray:
+    """img2img sources: an image file, or every image under a folder (sorted), resized and centre-cropped to the
+    model's image size (× size_factor), as float32 (N, H, W, C) in [-1, 1]."""
+    from ldm_jax.data.pipeline import Preprocessor, image_size, to_float
+    from ldm_jax.data.sources import DECODE_ERRORS, ImageFolderSource, decode_image
+
+    if os.path.isdir(path):
+        src = ImageFolderSource(path)
+        raw = [src.get(i)["image"] for i in range(len(src))]
+    elif os.path.isfile(path):
+        try:
+            raw = [decode_image(path)]
+        except DECODE_ERRORS as e:
+            raise ValueError(f"--init_image: cannot read {path} ({type(e).__name__})") from None
+    else:
+        raise FileNotFoundError(f"--init_image: no such file or folder: {path}")
+    h, w = (side * size_factor for side in image_size(config.data))
+    prep = Preprocessor(h, int(config.data.channels), "resize", augment=False, width=w)
+    return to_float(np.stack([prep(im) for im in raw]))
+
+
+def load_init_noise(path: str) -> np.ndarray:
+    """--init_noise: a .npy of starting latents, (N, h, w, c) or (h, w, c); never a pickle."""
+    try:
+        return np.load(path, allow_pickle=False).astype(np.float32)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--init_noise: cannot read {path} as a .npy array ({str(e).splitlines()[0]})") from None
 
 
 def _check_settings(out_dir: str, settings: dict) -> None:

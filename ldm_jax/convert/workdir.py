@@ -43,7 +43,9 @@ def ldm_run_config(parts: LDMParts, fields: dict[str, Any], first_stage_dir: str
     c.first_stage.update(workdir=first_stage_dir, scale_factor=float(parts.scale_factor), scale_by_std=False)
     ctype = {"clip": "text", "class": "class"}.get(parts.cond_stage, "class" if parts.conditioning_key == "adm"
                                                    else "none")
-    c.condition.update(type=ctype, p_uncond=0.0, vocab_path="")
+    # Stable Diffusion was trained with 10% of its captions dropped (classifier-free guidance); CompVis' own LDMs
+    # were not (their training code has no condition dropout), so sample.py warns only for those.
+    c.condition.update(type=ctype, p_uncond=0.1 if parts.cond_stage == "clip" else 0.0, vocab_path="")
     if parts.cond_stage == "clip":
         c.condition.tokenizer = "clip"  # LoadedLDM reads WORKDIR/tokenizer with transformers' CLIPTokenizer
     u = {k: v for k, v in parts.unet.items() if not k.startswith("_")}

@@ -13,6 +13,7 @@ import queue
 import threading
 import weakref
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 from ml_collections import config_dict
@@ -26,7 +27,7 @@ from ldm_jax.data.sources import (
 )
 
 PREPROCESS_MODES = ("pad", "resize", "random_crop")
-_PERM_TAG, _AUG_TAG = 0, 1  # separate SeedSequence streams for permutations and augmentation
+_PERM_TAG, _AUG_TAG, _CAP_TAG = 0, 1, 2  # separate SeedSequence streams: permutations, augmentation, captions
 
 
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
@@ -47,11 +48,11 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     raise ValueError(f"data.channels: cannot convert a {c}-channel image to {channels} channels")
 
 
-def _pad_or_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """Centres `image` on a size x size canvas of zeros (background), cropping the centre of larger sides."""
+def _pad_or_crop(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Centres `image` on an H x W canvas of zeros (background), cropping the centre of larger sides."""
     out = image
     for axis in (0, 1):
-        n = out.shape[axis]
+        n, size = out.shape[axis], hw[axis]
         if n > size:
             start = (n - size) // 2
             out = out[start:start + size] if axis == 0 else out[:, start:start + size]
@@ -65,17 +66,20 @@ def _pad_or_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessor:
-    """Maps uint8 (H, W, C) to uint8 (resolution, resolution, channels); `augment` enables randomness."""
+    """Maps uint8 (H, W, C) to uint8 (resolution, width, channels); `augment` enables randomness."""
 
     resolution: int
     channels: int = 3
     mode: str = "pad"
     random_flip: bool = False
     augment: bool = True
+    width: int | None = None  # None: square images
 
     def __post_init__(self):
         if not isinstance(self.resolution, (int, np.integer)) or self.resolution < 1:
             raise ValueError(f"data.resolution must be a positive int, got {self.resolution!r}")
+        if self.width is not None and (not isinstance(self.width, (int, np.integer)) or self.width < 1):
+            raise ValueError(f"data.width must be a positive int or None, got {self.width!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"data.channels must be 1 or 3, got {self.channels!r}")
         if self.mode not in PREPROCESS_MODES:
@@ -87,23 +91,23 @@ class Preprocessor:
         return self.augment and (self.random_flip or self.mode == "random_crop")
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Channel conversion, geometry ('pad' | shorter side to resolution then centre/random crop), flip."""
-        r = self.resolution
+        """Channel conversion, geometry ('pad' | resize to cover H x W then centre/random crop), flip."""
+        r, rw = self.resolution, self.width or self.resolution
         # Always draw the same three numbers so one augmentation never shifts another's randomness.
         u = rng.random(3) if (self.needs_rng and rng is not None) else np.array([0.5, 0.5, 1.0])
         image = to_channels(np.asarray(image), self.channels)
         if self.mode == "pad":
-            image = _pad_or_crop(image, r)
+            image = _pad_or_crop(image, (r, rw))
         else:
             h, w = image.shape[:2]
-            scale = r / min(h, w)
-            nh, nw = max(r, round(h * scale)), max(r, round(w * scale))
+            scale = max(r / h, rw / w)
+            nh, nw = max(r, round(h * scale)), max(rw, round(w * scale))
             image = resize_uint8(image, nh, nw)
             if self.mode == "random_crop" and self.augment:
-                y, x = int(u[0] * (nh - r + 1)), int(u[1] * (nw - r + 1))
+                y, x = int(u[0] * (nh - r + 1)), int(u[1] * (nw - rw + 1))
             else:
-                y, x = (nh - r) // 2, (nw - r) // 2
-            image = image[y:y + r, x:x + r]
+                y, x = (nh - r) // 2, (nw - rw) // 2
+            image = image[y:y + r, x:x + rw]
         if self.random_flip and self.augment and u[2] < 0.5:
             image = image[:, ::-1]
         return image
@@ -114,12 +118,23 @@ def to_float(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
+def pick_caption(captions: tuple[str, ...], seed: int, step: int, row: int) -> str:
+    """One of an example's captions: a pure function of (seed, step, global row)."""
+    if len(captions) == 1:
+        return captions[0]
+    return captions[int(np.random.default_rng([seed, _CAP_TAG, step, row]).integers(len(captions)))]
+
+
 class BatchIterator:
-    """Batches dict(image=float32 (B_local, H, W, C) in [-1, 1], label=int32 (B_local,)); see module doc."""
+    """Batches dict(image=float32 (B_local, H, W, C) in [-1, 1], label=int32 (B_local,)); see module doc.
+
+    With `text_fn` (captions → int32 token ids) and a captioned source, batches also hold `tokens` (B_local, L): one
+    caption per example, picked by `pick_caption`, tokenised here in the input pipeline rather than in the step."""
 
     def __init__(self, source, batch_size: int, seed: int, preprocessor: Preprocessor, *,
                  shuffle: bool = True, num_examples: int | None = None, num_epochs: int | None = None,
-                 process_index: int = 0, process_count: int = 1, prefetch: int = 0):
+                 process_index: int = 0, process_count: int = 1, prefetch: int = 0,
+                 text_fn: Callable[[list[str]], np.ndarray] | None = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"train.batch_size must be a positive int, got {batch_size!r}")
         if process_count < 1 or not 0 <= process_index < process_count:
@@ -133,7 +148,11 @@ class BatchIterator:
         n = len(source) if num_examples is None else min(int(num_examples), len(source))
         if n < 1:
             raise ValueError("data.name: the dataset is empty")
-        self.source, self.preprocessor = source, preprocessor
+        if text_fn is not None and not getattr(source, "has_captions", False):
+            raise ValueError("data: this text-conditioned run needs captions, and the data set has none (image "
+                             "folders: NAME.txt beside NAME.png, or metadata.jsonl/.csv with file_name and text; "
+                             "tfds: data.caption_key)")
+        self.source, self.preprocessor, self.text_fn = source, preprocessor, text_fn
         self.batch_size, self.seed, self.shuffle, self.num_examples = batch_size, int(seed), shuffle, n
         self.process_index, self.process_count = process_index, process_count
         self.local_batch_size = batch_size // process_count
@@ -152,6 +171,14 @@ class BatchIterator:
     def num_skipped(self) -> int:
         """Unreadable files the source has skipped so far (0 for sources that cannot have any)."""
         return getattr(self.source, "num_skipped", 0)
+
+    def caption_counts(self) -> dict[str, int]:
+        """Caption problems met so far: missing, empty, non-UTF-8 (source) and truncated (tokeniser)."""
+        stats = getattr(self.source, "caption_stats", None)
+        out = {f"caption_{k}": v for k, v in (stats.counts() if stats is not None else {}).items()}
+        if self.text_fn is not None:
+            out["caption_truncated"] = int(getattr(self.text_fn, "num_truncated", 0))
+        return out
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The example order of `epoch`: a pure function of (seed, epoch) (identity when shuffle is off)."""
@@ -179,7 +206,7 @@ class BatchIterator:
         if step < 0:
             raise ValueError(f"step must be non-negative, got {step}")
         row0 = self.process_index * self.local_batch_size
-        images, labels = [], []
+        images, labels, captions = [], [], []
         for k, idx in enumerate(self.indices_at(step)):
             ex = self.source.get(int(idx))
             rng = None
@@ -187,7 +214,18 @@ class BatchIterator:
                 rng = np.random.default_rng([self.seed, _AUG_TAG, step, row0 + k])
             images.append(self.preprocessor(ex["image"], rng))
             labels.append(ex["label"])
-        return {"image": to_float(np.stack(images)), "label": np.asarray(labels, np.int32)}
+            if self.text_fn is not None:
+                captions.append(pick_caption(ex["captions"], self.seed, step, row0 + k))
+        batch = {"image": to_float(np.stack(images)), "label": np.asarray(labels, np.int32)}
+        if self.text_fn is not None:
+            batch["tokens"] = np.asarray(self.text_fn(captions), np.int32)
+        return batch
+
+    def captions_at(self, step: int) -> list[str]:
+        """The captions this process's rows of batch `step` are tokenised from."""
+        row0 = self.process_index * self.local_batch_size
+        return [pick_caption(self.source.get(int(idx))["captions"], self.seed, step, row0 + k)
+                for k, idx in enumerate(self.indices_at(step))]
 
     # --- iteration, with an optional background thread computing the next batches in order ---
 
@@ -279,10 +317,11 @@ class BatchIterator:
 def default_data_config() -> config_dict.ConfigDict:
     """Fashion-MNIST defaults: 28x28 padded with background to 32x32, 1 channel, no flip."""
     return config_dict.ConfigDict({
-        "name": "fashion_mnist",  # fashion_mnist | photos | folder | tfds:<name>
+        "name": "fashion_mnist",  # fashion_mnist | fashion_mnist_pairs | photos | folder | tfds:<name>
         "path": "",  # folder: root (may contain '{split}')
         "data_dir": config_dict.placeholder(str),  # tfds (None: $TFDS_DATA_DIR or ~/tensorflow_datasets)
-        "resolution": 32,
+        "resolution": 32,  # image height (and width, unless `width` is set)
+        "width": config_dict.placeholder(int),  # None: square images
         "channels": 1,
         "preprocess": "pad",  # pad | resize | random_crop
         "random_flip": False,
@@ -293,7 +332,13 @@ def default_data_config() -> config_dict.ConfigDict:
         "num_crops": 1024,  # photos: crops per split
         "image_key": "image",  # tfds feature names
         "label_key": "label",
+        "caption_key": "",  # tfds: text feature path, e.g. 'captions/text' (coco_captions)
     })
+
+
+def image_size(data_cfg: config_dict.ConfigDict) -> tuple[int, int]:
+    """(height, width) of the training images."""
+    return int(data_cfg.resolution), int(data_cfg.get("width") or data_cfg.resolution)
 
 
 def _field(cfg: config_dict.ConfigDict, key: str, default):
@@ -306,6 +351,10 @@ def make_source(data_cfg: config_dict.ConfigDict, split: str):
     name = str(data_cfg.get("name", ""))
     if name == "fashion_mnist":
         return FashionMNISTSource(split)
+    if name == "fashion_mnist_pairs":
+        from ldm_jax.data.pairs import FashionMNISTPairsSource
+
+        return FashionMNISTPairsSource(split, 60_000 if split == "train" else 10_000)
     if name == "photos":
         names = _field(data_cfg, "photo_names", "")
         names = [s.strip() for s in names.split(",") if s.strip()] if isinstance(names, str) else list(names)
@@ -319,23 +368,28 @@ def make_source(data_cfg: config_dict.ConfigDict, split: str):
     if name.startswith("tfds:") and len(name) > 5:
         return TFDSSource(name[5:], split, data_dir=data_cfg.get("data_dir"),
                           image_key=_field(data_cfg, "image_key", "image"),
-                          label_key=_field(data_cfg, "label_key", "label"))
-    raise ValueError(f"data.name must be fashion_mnist, photos, folder or tfds:<name>, got {name!r}")
+                          label_key=_field(data_cfg, "label_key", "label"),
+                          caption_key=_field(data_cfg, "caption_key", ""))
+    raise ValueError(f"data.name must be fashion_mnist, fashion_mnist_pairs, photos, folder or tfds:<name>, "
+                     f"got {name!r}")
 
 
 def make_dataset(data_cfg: config_dict.ConfigDict, split: str, batch_size: int, seed: int,
                  process_index: int = 0, process_count: int = 1, *, augment: bool | None = None,
-                 num_epochs: int | None = None) -> BatchIterator:
-    """This process's batches of `split`; augmentation (flip, random crop) defaults to split == 'train'."""
+                 num_epochs: int | None = None, text_fn: Callable[[list[str]], np.ndarray] | None = None,
+                 source=None) -> BatchIterator:
+    """This process's batches of `split`; augmentation (flip, random crop) defaults to split == 'train'.
+    `text_fn`: tokenise one caption per example into `tokens`; `source`: an already built `make_source`."""
     preprocessor = Preprocessor(
         resolution=data_cfg.resolution, channels=data_cfg.channels, mode=data_cfg.preprocess,
-        random_flip=bool(data_cfg.random_flip), augment=(split == "train") if augment is None else augment)
+        random_flip=bool(data_cfg.random_flip), augment=(split == "train") if augment is None else augment,
+        width=data_cfg.get("width"))
     # Validate the cheap things before touching the data.
     if isinstance(batch_size, int) and process_count >= 1 and batch_size % process_count:
         raise ValueError(f"train.batch_size {batch_size} not divisible by process_count {process_count}")
-    source = make_source(data_cfg, split)
+    source = make_source(data_cfg, split) if source is None else source
     shuffle = bool(_field(data_cfg, "shuffle", True))
     return BatchIterator(source, batch_size, seed, preprocessor, shuffle=shuffle,
                          num_examples=data_cfg.get("num_examples"), num_epochs=num_epochs,
                          process_index=process_index, process_count=process_count,
-                         prefetch=int(_field(data_cfg, "prefetch", 0)))
+                         prefetch=int(_field(data_cfg, "prefetch", 0)), text_fn=text_fn)

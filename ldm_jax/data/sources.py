@@ -1,8 +1,11 @@
-"""Random-access example sources: `len(src)` and `src.get(i) -> dict(image=uint8 (H, W, C), label=int32)`."""
+"""Random-access example sources: `len(src)` and `src.get(i) -> dict(image=uint8 (H, W, C), label=int32)`, plus
+`captions` (a tuple of str; the pipeline picks one per example) from sources with `has_captions`."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import json
 import logging
 import os
 import threading
@@ -13,7 +16,8 @@ from functools import cache
 import numpy as np
 from PIL import Image
 
-from ldm_jax.data.fashion_mnist import load_fashion_mnist
+from ldm_jax.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+from ldm_jax.data.text import class_captions
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 # skimage.data loaders that ship inside the wheel (no pooch download) and show natural scenes or textures.
@@ -22,11 +26,14 @@ DEFAULT_PHOTOS = (
     "clock", "hubble_deep_field", "immunohistochemistry", "retina",
 )
 # What PIL raises on unreadable files: unidentified/truncated -> OSError; some broken PNGs -> SyntaxError.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
-def _example(image: np.ndarray, label: int) -> dict:
-    return {"image": image, "label": np.int32(label)}
+def _example(image: np.ndarray, label: int, captions: tuple[str, ...] | None = None) -> dict:
+    ex = {"image": image, "label": np.int32(label)}
+    if captions is not None:
+        ex["captions"] = captions
+    return ex
 
 
 def resize_uint8(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -57,10 +64,21 @@ class InMemorySource:
 
 
 class FashionMNISTSource(InMemorySource):
-    """Fashion-MNIST split ('train' 60k / 'test' 10k), 28x28x1 uint8, labels 0..9."""
+    """Fashion-MNIST split ('train' 60k / 'test' 10k), 28x28x1 uint8, labels 0..9; caption: the class caption."""
+
+    has_captions = True
+    CAPTIONS = tuple(class_captions(CLASS_NAMES))
 
     def __init__(self, split: str = "train", root: str | None = None):
         super().__init__(*load_fashion_mnist(split, root))
+
+    def get(self, index: int) -> dict:
+        ex = super().get(index)
+        ex["captions"] = (self.CAPTIONS[int(ex["label"])],)
+        return ex
+
+    def caption_corpus(self, limit: int = 0) -> list[str]:
+        return list(self.CAPTIONS)
 
 
 @cache
@@ -129,10 +147,98 @@ class PhotoSource:
 _LOGGED_BAD_FILES = 10  # unreadable files named in the log; later ones are only counted
 
 
+def decode_image(file: str) -> np.ndarray:
+    """An image file as uint8 (H, W, 3): palettes expanded, alpha dropped, 16-bit gray scaled (not clipped)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # palette-transparency / EXIF warnings are noise here
+        with Image.open(file) as im:
+            if im.mode.startswith("I"):  # 16/32-bit grayscale: PIL's RGB conversion would clip at 255
+                gray = np.asarray(im, dtype=np.float64) / 257.0  # 65535 -> 255
+                gray = np.clip(np.round(gray), 0, 255).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=-1)
+            return np.asarray(im.convert("RGB"))  # convert() forces the full decode; palettes expand
+
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # the Hugging Face imagefolder layout
+
+
+class CaptionStats:
+    """Counts of caption problems met so far (thread-safe); logged once each, reported in metrics.json."""
+
+    KINDS = ("missing", "empty", "non_utf8")
+
+    def __init__(self):
+        self._seen: dict[str, set[int]] = {k: set() for k in self.KINDS}
+        self._lock = threading.Lock()
+
+    def add(self, kind: str, index: int, detail: str) -> None:
+        with self._lock:
+            new = index not in self._seen[kind]
+            self._seen[kind].add(index)
+            first = new and len(self._seen[kind]) == 1
+        if first:
+            logging.warning("captions: %s caption for %s (used as the empty caption, i.e. the null condition; "
+                            "further cases are only counted: metrics.json caption_%s)", kind.replace("_", "-"),
+                            detail, kind)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {k: len(v) for k, v in self._seen.items()}
+
+
+def _decode_text(raw: bytes, stats: CaptionStats, index: int, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats.add("non_utf8", index, where)
+        return raw.decode("utf-8", errors="replace")
+
+
+def _caption_list(value, where: str) -> list[str]:
+    """A metadata `text` value (str, or a list of str) as a list of captions."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise ValueError(f"data.path: {where}: 'text' must be a string or a list of strings, got {type(value).__name__}")
+
+
+def read_metadata(path: str) -> dict[str, list[str]]:
+    """metadata.jsonl / metadata.csv → {normalised file path: captions}; `file_name` is relative to the file."""
+    base = os.path.dirname(path)
+    rows: list[tuple[str, object]] = []
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    if path.endswith(".jsonl"):
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"data.path: {path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or "file_name" not in row:
+                raise ValueError(f"data.path: {path}:{n}: each line needs a 'file_name' field")
+            rows.append((str(row["file_name"]), row.get("text", "")))
+    else:
+        reader = csv.DictReader(text.splitlines())
+        if not reader.fieldnames or "file_name" not in reader.fieldnames:
+            raise ValueError(f"data.path: {path}: the CSV needs a 'file_name' column (and 'text')")
+        rows = [(r["file_name"], r.get("text") or "") for r in reader]
+    out: dict[str, list[str]] = {}
+    for n, (name, value) in enumerate(rows, 1):
+        key = os.path.normpath(os.path.join(base, name))
+        out.setdefault(key, []).extend(_caption_list(value, f"{path} row {n}"))
+    return out
+
+
 class ImageFolderSource:
-    """Images under `path` (recursive, sorted), decoded lazily with PIL to RGB.
+    """Images under `path` (recursive, sorted), decoded lazily with PIL to RGB, with optional captions.
 
     Label = index of the sorted first-level subfolder holding the file (0 for files directly in `path`).
+    Captions, if the folder has any: `metadata.jsonl` / `metadata.csv` files (`file_name` relative to the metadata
+    file, caption in `text`: a string or a list), else sidecar `NAME.txt` files beside `NAME.png` (one caption per
+    non-empty line). A file without one gets the empty caption (the null condition), counted in `caption_stats`.
     An unreadable file is replaced by the next readable one (index + 1, + 2, ... wrapping) and counted once in
     `num_skipped`, so a corrupt file never stops training and the output stays deterministic.
     """
@@ -145,20 +251,45 @@ class ImageFolderSource:
         self.classes = sorted(d for d in os.listdir(path)
                               if not d.startswith(".") and os.path.isdir(os.path.join(path, d)))
         class_index = {d: i for i, d in enumerate(self.classes)}
-        files, labels = [], []
+        files, labels, sidecars, metadata = [], [], set(), []
         for root, dirs, names in os.walk(path, followlinks=True):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted walk -> deterministic order
             rel = os.path.relpath(root, path)
             label = 0 if rel == "." else class_index.get(rel.split(os.sep)[0], 0)
             for n in sorted(names):
-                if not n.startswith(".") and os.path.splitext(n)[1].lower() in exts:
+                stem, ext = os.path.splitext(n)
+                if n.startswith("."):
+                    continue
+                if ext.lower() in exts:
                     files.append(os.path.join(root, n))
                     labels.append(label)
+                elif ext.lower() == ".txt":
+                    sidecars.add(os.path.normpath(os.path.join(root, stem)))
+                elif n in METADATA_FILES:
+                    metadata.append(os.path.join(root, n))
         if not files:
             raise FileNotFoundError(f"data.path: no image files ({', '.join(exts)}) under {path!r}")
         self.files, self.labels = files, np.asarray(labels, np.int32)
         self._bad: set[int] = set()
         self._lock = threading.Lock()  # the prefetch thread and the caller may both decode
+        self.caption_stats = CaptionStats()
+        self._captions: dict[str, list[str]] | None = None
+        self._sidecar: list[str | None] | None = None
+        if metadata:
+            self._captions = {}
+            for m in metadata:
+                self._captions.update(read_metadata(m))
+            has = [os.path.normpath(f) in self._captions for f in files]
+        else:
+            stems = [os.path.normpath(os.path.splitext(f)[0]) for f in files]
+            has = [s in sidecars for s in stems]
+            if any(has):
+                self._sidecar = [s + ".txt" if h else None for s, h in zip(stems, has, strict=True)]
+        self.has_captions = any(has)
+        self.num_captioned = int(sum(has))
+        if self.has_captions and not all(has):
+            logging.warning("captions: %d of %d images under %s have no caption (they train as the null "
+                            "condition)", len(files) - self.num_captioned, len(files), path)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -174,15 +305,36 @@ class ImageFolderSource:
         with self._lock:
             return [self.files[i] for i in sorted(self._bad)]
 
-    def _decode(self, file: str) -> np.ndarray:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # palette-transparency / EXIF warnings are noise here
-            with Image.open(file) as im:
-                if im.mode.startswith("I"):  # 16/32-bit grayscale: PIL's RGB conversion would clip at 255
-                    gray = np.asarray(im, dtype=np.float64) / 257.0  # 65535 -> 255
-                    gray = np.clip(np.round(gray), 0, 255).astype(np.uint8)
-                    return np.repeat(gray[..., None], 3, axis=-1)
-                return np.asarray(im.convert("RGB"))  # convert() forces the full decode; palettes expand
+    def captions(self, index: int) -> tuple[str, ...]:
+        """The captions of file `index` (('',) when it has none: the null condition)."""
+        file = self.files[index]
+        if self._captions is not None:
+            caps = self._captions.get(os.path.normpath(file))
+            if caps is None:
+                self.caption_stats.add("missing", index, file)
+                return ("",)
+        else:
+            sidecar = self._sidecar[index] if self._sidecar is not None else None
+            if sidecar is None:
+                self.caption_stats.add("missing", index, file)
+                return ("",)
+            try:
+                with open(sidecar, "rb") as f:
+                    raw = f.read()
+            except OSError:
+                self.caption_stats.add("missing", index, sidecar)
+                return ("",)
+            caps = _decode_text(raw, self.caption_stats, index, sidecar).splitlines()
+        caps = [c.strip() for c in caps if c.strip()]
+        if not caps:
+            self.caption_stats.add("empty", index, file)
+            return ("",)
+        return tuple(caps)
+
+    def caption_corpus(self, limit: int = 100_000) -> list[str]:
+        """Captions of the first `limit` files (0: all), e.g. to train a WordPiece vocabulary on."""
+        n = len(self.files) if limit <= 0 else min(limit, len(self.files))
+        return [c for i in range(n) for c in self.captions(i) if c]
 
     def get(self, index: int) -> dict:
         """Returns file `index` decoded (uint8 H x W x 3), or the next readable file if it is unreadable."""
@@ -194,8 +346,8 @@ class ImageFolderSource:
             if j in self._bad:
                 continue
             try:
-                return _example(self._decode(self.files[j]), self.labels[j])
-            except _DECODE_ERRORS as e:
+                image = decode_image(self.files[j])
+            except DECODE_ERRORS as e:
                 with self._lock:
                     new = j not in self._bad
                     self._bad.add(j)
@@ -205,6 +357,8 @@ class ImageFolderSource:
                 elif new and count == _LOGGED_BAD_FILES + 1:
                     logging.warning("data.path: more unreadable images skipped; the count goes to metrics.json "
                                     "(skipped_files)")
+                continue
+            return _example(image, self.labels[j], self.captions(j) if self.has_captions else None)
         raise ValueError(f"data.path: none of the {n} image files under {self.path!r} can be decoded")
 
 
@@ -220,13 +374,15 @@ class TFDSSource:
     """
 
     def __init__(self, name: str, split: str, data_dir: str | None = None, image_key: str = "image",
-                 label_key: str = "label"):
+                 label_key: str = "label", caption_key: str = ""):
         try:
             import tensorflow_datasets as tfds
         except ImportError:
             raise ImportError("data.name 'tfds:...' needs tensorflow-datasets: pip install tensorflow-datasets") \
                 from None
         self.name, self.split, self.image_key, self.label_key = name, split, image_key, label_key
+        self.caption_key, self.has_captions = caption_key, bool(caption_key)
+        self.caption_stats = CaptionStats()
         try:
             builder = tfds.builder(name, data_dir=data_dir)  # only reads metadata; never downloads
         except Exception as e:
@@ -269,4 +425,29 @@ class TFDSSource:
             raise ValueError(f"data.image_key: feature {self.image_key!r} of {self.name!r} is not a uint8 "
                              f"image ({image.shape} {image.dtype})")
         label = rec.get(self.label_key, 0)
-        return _example(image, int(np.asarray(label).reshape(-1)[0]) if np.size(label) else 0)
+        captions = self.captions(index, rec) if self.has_captions else None
+        return _example(image, int(np.asarray(label).reshape(-1)[0]) if np.size(label) else 0, captions)
+
+    def captions(self, index: int, rec: dict | None = None) -> tuple[str, ...]:
+        """The text feature at `caption_key` (a '/'-separated feature path; one or several strings)."""
+        node = self._records[index] if rec is None else rec
+        for part in self.caption_key.split("/"):
+            if not isinstance(node, dict) or part not in node:
+                keys = sorted(node) if isinstance(node, dict) else type(node).__name__
+                raise ValueError(f"data.caption_key: tfds dataset {self.name!r} has no feature {self.caption_key!r} "
+                                 f"(at {part!r}: {keys})")
+            node = node[part]
+        values = [node] if isinstance(node, (str, bytes)) else list(np.asarray(node, dtype=object).reshape(-1))
+        caps = []
+        for v in values:
+            text = _decode_text(v, self.caption_stats, index, self.name) if isinstance(v, bytes) else str(v)
+            if text.strip():
+                caps.append(text.strip())
+        if not caps:
+            self.caption_stats.add("empty", index, f"{self.name} record {index}")
+            return ("",)
+        return tuple(caps)
+
+    def caption_corpus(self, limit: int = 100_000) -> list[str]:
+        n = len(self) if limit <= 0 else min(limit, len(self))
+        return [c for i in range(n) for c in self.captions(i) if c]

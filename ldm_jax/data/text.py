@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -12,13 +13,13 @@ NULL_TEXT = ""  # the unconditional prompt for classifier-free guidance, as the 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def class_captions(class_names: Sequence[str]) -> list[str]:
     """One caption per class: "a photo of a t-shirt", "a photo of an ankle boot", ..."""
-    return [f"a photo of {_article(name)} {name}" for name in class_names]
+    return [f"a photo of {article(name)} {name}" for name in class_names]
 
 
 def train_wordpiece_vocab(
@@ -81,3 +82,23 @@ def tokenize(tokenizer: Any, texts: Sequence[str] | str, max_length: int = 77) -
         list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="np"
     )
     return np.asarray(enc["input_ids"], dtype=np.int32)
+
+
+class TextEncoder:
+    """Captions → token ids int32 (B, max_length) in the input pipeline; counts captions cut at max_length."""
+
+    def __init__(self, tokenizer: Any, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, int(max_length)
+        self.num_truncated = 0
+        self._warned = False
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
+        over = [n for n in lengths if n > self.max_length]
+        if over and not self._warned:
+            self._warned = True
+            logging.warning("captions: a caption of %d tokens was cut to model.text_max_len=%d (further cuts are "
+                            "only counted: metrics.json caption_truncated)", max(over), self.max_length)
+        self.num_truncated += len(over)
+        return tokenize(self.tokenizer, texts, self.max_length)

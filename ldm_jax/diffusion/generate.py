@@ -82,3 +82,17 @@ def make_sample_fn(
         return sample_impl(model_fn, sched, shape, key, **kwargs, **extra)
 
     return sample
+
+
+def sample_each(sample: Callable[..., jax.Array], params: Any, cond: dict, uncond: dict | None, keys: jax.Array,
+                shape: tuple[int, ...], x_T: jax.Array | None = None, **extra) -> jax.Array:
+    """`sample` (from make_sample_fn) vmapped over examples: example i is drawn from keys[i] (and x_T[i]) alone, so
+    it does not depend on the batch it is drawn in; `shape` is one example's (h, w, c); `extra` goes to the sampler
+    (e.g. DDIM's start_index)."""
+    def one(c, u, key, x0):
+        add = lambda tree: jax.tree.map(lambda v: v[None], tree)  # noqa: E731
+        start = {} if x0 is None else {"x_T": x0[None]}
+        return sample(params, add(c), None if u is None else add(u), key, (1, *shape), **start, **extra)[0]
+
+    return jax.vmap(one, in_axes=(0, None if uncond is None else 0, 0, None if x_T is None else 0))(
+        cond, uncond, keys, x_T)

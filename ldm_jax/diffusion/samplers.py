@@ -106,6 +106,17 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> 
     return np.unique(np.minimum(ts + 1, num_timesteps - 1)).astype(np.int32)
 
 
+def img2img_timestep(num_timesteps: int, steps: int, strength: float, spacing: str = "uniform") -> tuple[int, int]:
+    """SDEdit as SD's img2img: (start_index t_enc = int(strength * steps), the timestep to noise the encoded image
+    to). The noise level is that of the first step run, ts[t_enc - 1], as diffusers' img2img pipeline; CompVis'
+    script noises to ts[t_enc], one step above where it starts denoising."""
+    if not 0.0 < float(strength) <= 1.0:
+        raise ValueError(f"--strength must be in (0, 1], got {strength}")
+    ts = ddim_timesteps(num_timesteps, steps, spacing)
+    t_enc = max(1, min(int(strength * len(ts)), len(ts)))
+    return t_enc, int(ts[t_enc - 1])
+
+
 def _ddim_alphas(sched: DiffusionSchedule, ts: np.ndarray, eta: float):
     """(abar_t, abar_prev, sigma) per selected step, ascending; abar_prev of the first is abar[0]."""
     ac = sched.alphas_cumprod
@@ -119,8 +130,11 @@ def ddim_sample(model_fn: ModelFn, sched: DiffusionSchedule, shape: tuple[int, .
                 steps: int = 50, eta: float = 0.0, spacing: str = "uniform", parameterization: str = "eps",
                 x_T: jnp.ndarray | None = None, mask: jnp.ndarray | None = None,
                 x0_known: jnp.ndarray | None = None, clip_denoised: bool = False,
-                paste_known: bool = True) -> jnp.ndarray:
+                paste_known: bool = True, start_index: int | None = None) -> jnp.ndarray:
     """DDIM (Song et al. 2021) as the reference DDIMSampler; eta=0 is deterministic given x_T.
+
+    start_index k (img2img, the reference's `decode(x_latent, cond, t_start=k)`): x_T is a latent already noised
+    (see `img2img_timestep`) and only the first k of the selected timesteps are run, from the k-th down.
 
     Inpainting: where mask == 1 the known region is kept: before every step x = mask * q_sample(x0_known, t)
     + (1 - mask) * x (reference); with paste_known (not in the reference) the clean x0_known is pasted once
@@ -133,6 +147,10 @@ def ddim_sample(model_fn: ModelFn, sched: DiffusionSchedule, shape: tuple[int, .
         raise ValueError("sampling mask given without x0_known (the known latents to keep)")
     ts = ddim_timesteps(sched.num_timesteps, steps, spacing)
     a, a_prev, sigma = _ddim_alphas(sched, ts, eta)
+    if start_index is not None:
+        if x_T is None or not 1 <= start_index <= len(ts):
+            raise ValueError(f"ddim start_index must be in [1, {len(ts)}] and come with x_T, got {start_index}")
+        ts, a_prev, sigma = ts[:start_index], a_prev[:start_index], sigma[:start_index]
     x, loop_key = _init_x(shape, key, x_T)
     keys = jax.random.split(loop_key, len(ts))
     stochastic = float(eta) > 0

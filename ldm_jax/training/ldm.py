@@ -67,6 +67,22 @@ def load_first_stage(workdir: str) -> FirstStage:
     return FirstStage(build_autoencoder(config.model), variables, config, workdir)
 
 
+def resolve_first_stage(workdir: str, config: ml_collections.ConfigDict, override: str | None = None) -> str:
+    """The stage-1 workdir: `override`, else first_stage.workdir as saved (relative to the current directory,
+    or failing that to the stage-2 workdir's parent, so a moved runs/ directory still loads)."""
+    if override:
+        return override
+    path = config.first_stage.workdir
+    candidates = [path]
+    if not os.path.isabs(path):
+        parent = os.path.dirname(os.path.abspath(workdir))
+        candidates += [os.path.join(parent, path), os.path.join(parent, os.path.basename(path))]
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, "config.json")):
+            return c
+    return path  # load_first_stage names what is missing
+
+
 @flax.struct.dataclass
 class LDMState:
     step: jax.Array
@@ -94,8 +110,17 @@ def check_sampling(cfg: ml_collections.ConfigDict) -> None:
                            sc.karras, sc.order, sc.guidance_rescale)
 
 
+def frozen_parts(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Top-level param groups that do not train: the text encoder τθ unless model.train_text_encoder."""
+    m = cfg.model
+    if m.get("cond_stage", "none") in ("text", "clip") and not m.get("train_text_encoder", True):
+        return ("cond_encoder",)
+    return ()
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW (weight decay 0.01, torch's default the reference used) with linear warm-up; optional accumulation."""
+    """AdamW (weight decay 0.01, torch's default the reference used) with linear warm-up; optional accumulation.
+    Frozen parts (`frozen_parts`) get zero updates and no optimizer moments."""
     tc = cfg.train
     warmup = tc.get("warmup_steps", 0)
     # No warm-up means the full rate from the first update (a 1-step warm-up would make that update lr 0).
@@ -103,6 +128,10 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
     tx = optax.adamw(lr, weight_decay=tc.get("weight_decay", 0.01))
     if tc.get("grad_clip", 0.0):
         tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip), tx)
+    frozen = frozen_parts(cfg)
+    if frozen:
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                   lambda params: {k: "frozen" if k in frozen else "train" for k in params})
     if tc.get("grad_accum", 1) > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=tc.grad_accum)
     return tx
@@ -227,6 +256,12 @@ def make_train_step(cfg, model: LatentDiffusionModel, first_stage: FirstStage, t
     base_key = jax.random.key(cfg.seed + 1)
     d = cfg.diffusion
     ema_decay = cfg.train.get("ema_decay", 0.9999)
+    frozen = frozen_parts(cfg)
+
+    def ema_update(ema, params, decay):
+        # Frozen parts keep their EMA weights bit for bit (decay * a + (1 - decay) * a need not round to a).
+        return {k: e if k in frozen else jax.tree.map(lambda a, b: decay * a + (1 - decay) * b, e, params[k])
+                for k, e in ema.items()}
 
     def step(state: LDMState, batch: dict, fs_vars: dict, null_tokens: jax.Array | None):
         key = jax.random.fold_in(base_key, state.step)
@@ -254,8 +289,7 @@ def make_train_step(cfg, model: LatentDiffusionModel, first_stage: FirstStage, t
         n = state.step.astype(jnp.float32)
         decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
         # lax.cond, not a where per leaf: much cheaper to compile (see common.guarded_update).
-        ema = jax.lax.cond(finite, lambda e, p: jax.tree.map(lambda a, b: decay * a + (1 - decay) * b, e, p),
-                           lambda e, p: e, state.ema_params, params)
+        ema = jax.lax.cond(finite, lambda e, p: ema_update(e, p, decay), lambda e, p: e, state.ema_params, params)
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
                                   skipped=state.skipped + (~finite).astype(jnp.int32))
         metrics = {"loss": loss, "finite": finite.astype(jnp.float32), "grad_norm": optax.global_norm(grads),

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 
 from ldm_jax.data.images import make_grid, save_png, to_uint8
-from ldm_jax.data.pipeline import make_dataset
+from ldm_jax.data.pipeline import image_size, make_dataset
 from ldm_jax.training import autoencoder as ae
 from ldm_jax.training import common
 from ldm_jax.training import mesh as mesh_lib
@@ -52,7 +52,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         lpips_params = load_lpips_if_needed(config)
         train_ds = make_dataset(config.data, "train", tc.batch_size, config.seed, jax.process_index(),
                                 jax.process_count())
-        image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
+        image_shape = (*image_size(config.data), config.data.channels)
         if config.model.in_channels != config.data.channels:
             raise ValueError(f"model.in_channels={config.model.in_channels} but data.channels={config.data.channels}")
 
