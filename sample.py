@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
     set_default_xla_flags()  # before jax is imported
     from ldm_jax import inference
+    from ldm_jax.data.images import load_images, load_npy
+    from ldm_jax.data.pipeline import image_size
 
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         print(f"sample.py: error: --out {args.out} exists and is not a directory", file=sys.stderr)
@@ -60,13 +62,14 @@ def main(argv: list[str] | None = None) -> int:
                                     seed=args.seed, **opts)
         inputs, arrays = {}, {}
         if args.init_noise:
-            arrays["x_T"] = inference.load_init_noise(args.init_noise)
+            arrays["x_T"] = load_npy(args.init_noise, "--init_noise")
             inputs["init_noise"] = os.path.abspath(args.init_noise)
         if args.init_image:
             if opts["sampler"] != "ddim":
                 raise ValueError(f"--init_image (img2img) samples with DDIM, as SD's img2img script; got --sampler "
                                  f"{opts['sampler']}")
-            arrays["init_images"] = inference.load_init_images(args.init_image, config, args.size_factor)
+            h, w = (side * args.size_factor for side in image_size(config.data))
+            arrays["init_images"] = load_images(args.init_image, h, w, int(config.data.channels))
             inputs["init_image"] = os.path.abspath(args.init_image)
             opts["strength"] = float(args.strength)
             if not 0.0 < args.strength <= 1.0:

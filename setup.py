@@ -9,10 +9,11 @@ setup(
     packages=find_packages(include=["ldm_jax", "ldm_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.7",
-        "flax>=0.11",
-        "optax",
-        "orbax-checkpoint",
+        # Upper bounds: the next minor series is untested (constraints.txt holds the exact tested versions).
+        "jax>=0.7,<0.11",
+        "flax>=0.11,<0.13",
+        "optax<0.3",
+        "orbax-checkpoint<0.13",
         "ml_collections",
         "clu",
         "einops",

@@ -22,8 +22,11 @@ def get_config():
     c.condition.update(type="text", p_uncond=0.1, vocab_path="", vocab_size=200)
     c.model.update(conditioning_key="crossattn", cond_stage="text", context_dim=64, text_layers=2, text_max_len=20,
                    vocab_size=0)  # 0: the trained tokenizer's size
-    c.model.unet.update(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                        attention_resolutions=(1, 2), num_head_channels=32)
+    # A third level (2×4 latents at ds 4): there every position sees the image's edges, so cross-attention can tell
+    # left from right (the UNet has no positional encoding). Two levels (ds 1, 2) reached pair accuracy 0.24 / 0.15
+    # (seen / held-out) in the same 3000 steps: the halves drew the same garment.
+    c.model.unet.update(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                        attention_resolutions=(1, 2, 4), num_head_channels=32)
     c.data.update(name="fashion_mnist_pairs", resolution=32, width=64, channels=1, preprocess="pad",
                   random_flip=False)  # a flip would swap left and right: never for this data
     c.train.update(batch_size=64, num_steps=3000, base_lr=5e-4, scale_lr=False, warmup_steps=100, ema_decay=0.999,

@@ -91,6 +91,31 @@ def ldm_config() -> ml_collections.ConfigDict:
                                                 spacing="", karras=False, order=2, guidance_rescale=0.0,
                                                 prompts=(), pair_eval_samples=10))
     c.train.update(batch_size=48, base_lr=2e-6, ema_decay=0.9999, warmup_steps=0, weight_decay=0.01,
-                   num_steps=500_000, ckpt_every=5000)
+                   grad_clip=0.0, num_steps=500_000, ckpt_every=5000)  # grad_clip 0: none, as the reference
     c.data.update(name="folder", resolution=256, channels=3, preprocess="resize", random_flip=True)
     return c
+
+
+def _overlay(base: dict, saved: dict) -> dict:
+    out = dict(base)
+    for k, v in saved.items():
+        out[k] = _overlay(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def load_saved_config(path: str) -> ml_collections.ConfigDict:
+    """A workdir's config.json on top of the defaults of its stage, so that code reads every field by attribute
+    even from a config.json written before the field existed (the one place that fills such gaps). Raises
+    ValueError for a file that is not a run config."""
+    import json
+
+    with open(path) as f:
+        saved = json.load(f)
+    stage = saved.get("stage") if isinstance(saved, dict) else None
+    if stage == "autoencoder":
+        base = autoencoder_config(saved.get("model", {}).get("type", "kl"))
+    elif stage == "ldm":
+        base = ldm_config()
+    else:
+        return ml_collections.ConfigDict(saved if isinstance(saved, dict) else {})
+    return ml_collections.ConfigDict(_overlay(base.to_dict(), saved))

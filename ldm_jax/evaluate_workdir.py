@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ldm_jax.config_defaults import load_saved_config
 from ldm_jax.data.pipeline import image_size
 from ldm_jax.evaluation import evaluate as E
 from ldm_jax.evaluation.frechet import FeatureStats
@@ -34,8 +35,7 @@ def read_stage(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--workdir: {workdir} has no config.json (not a training workdir)")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = load_saved_config(path)
     stage = config.get("stage")
     if stage not in ("autoencoder", "ldm"):
         raise ValueError(f"--workdir: {path} has stage={stage!r}, expected 'autoencoder' or 'ldm'")

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ldm_jax.config_defaults import load_saved_config
 from ldm_jax.data.images import make_grid, save_png, to_uint8
 from ldm_jax.diffusion import SAMPLERS, DiffusionSchedule
 from ldm_jax.diffusion.gaussian import q_sample
@@ -49,8 +50,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--workdir: {workdir} has no config.json (not a training workdir)")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = load_saved_config(path)
     if config.get("stage") != "ldm":
         raise ValueError(f"--workdir: {workdir} is not a latent diffusion run (its stage is {config.get('stage')!r})")
     return config
@@ -119,7 +119,7 @@ def check_sample_args(config: ml_collections.ConfigDict, *, sampler: str = "ddim
 def default_prompts(config: ml_collections.ConfigDict) -> list[str]:
     """A text model's prompts when none are given: its config's sampling.prompts (written by train.py), else, for
     Fashion-MNIST runs made before that field, the class captions it was trained on."""
-    prompts = list(config.get("sampling", {}).get("prompts", ()) or ())
+    prompts = list(config.sampling.prompts)
     if not prompts and config.data.name == "fashion_mnist":
         from ldm_jax.data.fashion_mnist import CLASS_NAMES
         from ldm_jax.data.text import class_captions
@@ -159,8 +159,8 @@ def load_text_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Any:
     models); from condition.vocab_path, else WORKDIR/tokenizer."""
     from ldm_jax.data.text import load_tokenizer
 
-    path = config.condition.get("vocab_path") or os.path.join(workdir, "tokenizer")
-    return load_tokenizer(config.condition.get("tokenizer", "bert"), path)
+    path = config.condition.vocab_path or os.path.join(workdir, "tokenizer")
+    return load_tokenizer(config.condition.tokenizer, path)
 
 
 @dataclass
@@ -209,7 +209,8 @@ class LoadedLDM:
 
     # --- conditions of sample indices ---
 
-    def _tokens(self, texts: Sequence[str]) -> np.ndarray:
+    def tokens(self, texts: Sequence[str]) -> np.ndarray:
+        """Token ids int32 (len(texts), model.text_max_len) of prompts, as the model reads them."""
         from ldm_jax.data.text import tokenize
 
         return tokenize(self.tokenizer, list(texts), int(self.config.model.text_max_len))
@@ -221,7 +222,7 @@ class LoadedLDM:
         dc = self.config.data
         if self._source is None:
             self._source = make_source(dc, "test")
-        prep = Preprocessor(dc.resolution, dc.channels, dc.preprocess, False, augment=False, width=dc.get("width"))
+        prep = Preprocessor(dc.resolution, dc.channels, dc.preprocess, False, augment=False, width=dc.width)
         exs = [self._source.get(int(i) % len(self._source)) for i in indices]
         out = {"image": to_float(np.stack([prep(e["image"]) for e in exs]))}
         if "segmentation" in exs[0]:
@@ -245,7 +246,7 @@ class LoadedLDM:
             cond["label"] = labels[indices % len(labels)].astype(np.int32)
         elif ctype == "text":
             prompts = prompts or default_prompts(self.config)
-            table = self._tokens(prompts)
+            table = self.tokens(prompts)
             cond["tokens"] = table[indices % len(prompts)]
         spatial = self._spatial_inputs(indices, size_factor) if ctype in SPATIAL_TYPES else {}
         return cond, spatial
@@ -266,7 +267,7 @@ class LoadedLDM:
         if ctype == "text":
             from ldm_jax.data.text import NULL_TEXT
 
-            null_tokens = jnp.asarray(self._tokens([NULL_TEXT])[0])
+            null_tokens = jnp.asarray(self.tokens([NULL_TEXT])[0])
         sample = make_sample_fn(lambda p, x, t, c: model.apply({"params": p}, x, t, c), self.sched, sampler, steps,
                                 eta, guidance, cfg.diffusion.parameterization, shared_x=True, **solver_opts)
         latent = self.latent_shape(size_factor)
@@ -289,7 +290,7 @@ class LoadedLDM:
                 if ctype == "inpaint":
                     h, w = images.shape[1:3]
                     mask = jax.vmap(lambda k: L.random_box_masks(jax.random.fold_in(k, 1), 1, h, w)[0])(keys)
-                sc = L.spatial_condition(cfg, fs, fs_vars, images, scale, None, mask=mask,
+                sc = L.spatial_condition(cfg, fs, fs_vars, images, scale, None, inpaint_mask=mask,
                                          segmentation=spatial.get("segmentation"))
                 sc.pop("mask", None)
                 cond = {**cond, **sc}
@@ -362,7 +363,7 @@ class LoadedLDM:
             x_T = np.broadcast_to(x_T, (num_samples, *x_T.shape)) if x_T.ndim == 3 else x_T
             if len(x_T) < num_samples:
                 raise ValueError(f"--init_noise holds {len(x_T)} starting noises for {num_samples} samples")
-        if kwargs.get("guidance", 1.0) != 1.0 and not self.config.condition.get("p_uncond", 0.0):
+        if kwargs.get("guidance", 1.0) != 1.0 and not self.config.condition.p_uncond:
             logging.warning("guidance %s: this model was trained without condition dropout (p_uncond 0), so its "
                             "null condition is untrained", kwargs["guidance"])
         settings = {"workdir": os.path.abspath(self.workdir), "checkpoint_step": self.step, "seed": seed,
@@ -389,35 +390,6 @@ class LoadedLDM:
         write_grid(paths[:GRID_MAX], os.path.join(out_dir, "grid.png"))
         return {"written": written, "skipped": num_samples - written, "seconds": elapsed,
                 "samples_per_s": written / elapsed if written else 0.0}
-
-
-def load_init_images(path: str, config: ml_collections.ConfigDict, size_factor: int = 1) -> np.ndarray:
-    """img2img sources: an image file, or every image under a folder (sorted), resized and centre-cropped to the
-    model's image size (× size_factor), as float32 (N, H, W, C) in [-1, 1]."""
-    from ldm_jax.data.pipeline import Preprocessor, image_size, to_float
-    from ldm_jax.data.sources import DECODE_ERRORS, ImageFolderSource, decode_image
-
-    if os.path.isdir(path):
-        src = ImageFolderSource(path)
-        raw = [src.get(i)["image"] for i in range(len(src))]
-    elif os.path.isfile(path):
-        try:
-            raw = [decode_image(path)]
-        except DECODE_ERRORS as e:
-            raise ValueError(f"--init_image: cannot read {path} ({type(e).__name__})") from None
-    else:
-        raise FileNotFoundError(f"--init_image: no such file or folder: {path}")
-    h, w = (side * size_factor for side in image_size(config.data))
-    prep = Preprocessor(h, int(config.data.channels), "resize", augment=False, width=w)
-    return to_float(np.stack([prep(im) for im in raw]))
-
-
-def load_init_noise(path: str) -> np.ndarray:
-    """--init_noise: a .npy of starting latents, (N, h, w, c) or (h, w, c); never a pickle."""
-    try:
-        return np.load(path, allow_pickle=False).astype(np.float32)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--init_noise: cannot read {path} as a .npy array ({str(e).splitlines()[0]})") from None
 
 
 def _check_settings(out_dir: str, settings: dict) -> None:

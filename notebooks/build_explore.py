@@ -15,7 +15,7 @@ Load a stage-2 workdir (config.json + checkpoints, e.g. from `bash scripts/demo.
 1. sample a grid for a chosen class / prompt, guidance scale and number of DDIM steps,
 2. interpolate between two starting latents (spherical interpolation of the noise, deterministic DDIM),
 3. inpaint a masked region: DDIM with the known latents re-noised and blended in at every step
-   (`ddim_sample(..., mask=, x0_known=)`, as the reference's masked sampling).
+   (`ddim_sample(..., keep_mask=, x0_known=)`, as the reference's masked sampling).
 
 Runs on Colab (the first cell installs the package when it is not importable) and locally. The parameters come
 from environment variables so the test suite can run this notebook headlessly against a tiny checkpoint.
@@ -29,13 +29,21 @@ import subprocess
 import sys
 
 if importlib.util.find_spec("ldm_jax") is None:
-    REPO_URL = os.environ.get("LDM_JAX_REPO", "https://github.com/your-org/ldm_jax.git")  # set to your fork
+    REPO_URL = os.environ.get("LDM_JAX_REPO", "")  # the git URL of your copy of this repository
     if not os.path.isdir("ldm_jax_src"):
+        if not REPO_URL:
+            raise SystemExit("ldm_jax is not installed: set LDM_JAX_REPO to the git URL of your copy of the "
+                             "repository (or upload it as ./ldm_jax_src) and run this cell again")
         subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "ldm_jax_src"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "ldm_jax_src"], check=True)
     sys.path.insert(0, os.path.abspath("ldm_jax_src"))
-    os.chdir("ldm_jax_src")
-print("ldm_jax at", os.path.dirname(importlib.util.find_spec("ldm_jax").origin))
+import ldm_jax
+
+# Relative paths (runs/, configs/) are the repository's, wherever the notebook was started from.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ldm_jax.__file__)))
+if os.path.isfile(os.path.join(REPO_ROOT, "train.py")):
+    os.chdir(REPO_ROOT)
+print("ldm_jax at", REPO_ROOT, "| working directory", os.getcwd())
 """)
 
 code("""
@@ -43,7 +51,7 @@ code("""
 WORKDIR = os.environ.get("LDM_JAX_WORKDIR", "runs/ldm")   # a trained stage-2 workdir
 STEPS = int(os.environ.get("LDM_JAX_STEPS", "50"))        # DDIM steps
 GUIDANCE = float(os.environ.get("LDM_JAX_GUIDANCE", "3.0"))  # classifier-free guidance scale (1 = none)
-CLASS_LABEL = int(os.environ.get("LDM_JAX_CLASS", "9"))   # class-conditional models (Fashion-MNIST 9 = ankle boot)
+CLASS_LABEL = os.environ.get("LDM_JAX_CLASS")              # class-conditional models (None: the model's last class)
 PROMPT = os.environ.get("LDM_JAX_PROMPT", "a photo of a sneaker")  # text-conditional models
 SEED = int(os.environ.get("LDM_JAX_SEED", "0"))
 N = 10                                                     # samples per row
@@ -67,6 +75,10 @@ from ldm_jax.inference import SPATIAL_TYPES, LoadedLDM
 ldm = LoadedLDM.load(WORKDIR)
 cfg, fs = ldm.config, ldm.first_stage
 ctype = cfg.condition.type
+if ctype == "class":
+    from ldm_jax.inference import real_classes
+
+    CLASS_LABEL = real_classes(cfg) - 1 if CLASS_LABEL is None else int(CLASS_LABEL)
 print(f"{WORKDIR}: step {ldm.step}, condition {ctype!r}, latents {ldm.latent_shape()} "
       f"(f={fs.factor}, {cfg.first_stage.get('workdir')}), scale_factor {ldm.scale_factor:.4f}, jax on "
       f"{jax.devices()[0].platform}")
@@ -139,10 +151,10 @@ def conditions(n, labels=None):
     if ctype == "class":
         cond = {"label": jnp.asarray(np.full((n,), CLASS_LABEL) if labels is None else labels, jnp.int32)}
     elif ctype == "text":
-        cond = {"tokens": jnp.asarray(np.repeat(ldm._tokens([PROMPT]), n, axis=0))}
+        cond = {"tokens": jnp.asarray(np.repeat(ldm.tokens([PROMPT]), n, axis=0))}
     else:
         return {}, None
-    null_tokens = jnp.asarray(ldm._tokens([NULL_TEXT])[0]) if ctype == "text" else None
+    null_tokens = jnp.asarray(ldm.tokens([NULL_TEXT])[0]) if ctype == "text" else None
     return cond, null_condition(cfg, cond, null_tokens)
 
 
@@ -196,7 +208,7 @@ cond, uncond = conditions(N, labels)
 
 @jax.jit
 def inpaint(params, fs_vars, z0, mask, cond, uncond, key):
-    z = sample(params, cond, uncond, key, z0.shape, mask=mask, x0_known=z0)
+    z = sample(params, cond, uncond, key, z0.shape, keep_mask=mask, x0_known=z0)
     return jnp.clip(fs.decode(fs_vars, z / ldm.scale_factor), -1, 1)
 
 

@@ -9,8 +9,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/pip" install -q --upgrade pip
 "$VENV/bin/pip" install -q "torch==2.13.0"  # CPU wheel first, so diffusers does not pull a CUDA build
-"$VENV/bin/pip" install -q -e ".[test]"
-"$VENV/bin/pip" install -q --no-deps open-clip-torch  # CLIP BPE vocabulary only (its deps would pull torch)
+# -c constraints.txt: the versions the suite last passed with (CI installs exactly those).
+"$VENV/bin/pip" install -q -c constraints.txt -e ".[test]"
+"$VENV/bin/pip" install -q --no-deps "open-clip-torch==3.3.0"  # CLIP BPE vocabulary only (its deps would pull torch)
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   if [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null

@@ -322,3 +322,10 @@ def assert_params_close(params_a: Any, params_b: Any, grads: Any, lr: float, ste
         d = np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))
         assert not np.any(d[~noise] > tol), f"params differ by {d[~noise].max()} where the gradient is real"
         assert not np.any(d[noise] > 2 * lr * steps + tol), f"params differ by {d[noise].max()} > 2·lr·steps"
+
+
+def logged_scale(proc: subprocess.Popen) -> str:
+    """The scale_by_std factor a train.py child logged."""
+    found = re.findall(r"scale_by_std: scale_factor = ([0-9.eE+-]+)", log_text(proc))
+    assert found, f"no scale_by_std line in the log:\n{log_tail(proc)}"
+    return found[-1]

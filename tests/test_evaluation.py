@@ -174,7 +174,9 @@ def test_kid_matches_brute_force_on_tiny_set():
     x, y = rng.normal(size=(6, 3)), rng.normal(0.3, 1.2, size=(6, 3))
     mean, std = kernel_inception_distance(x, y, num_subsets=3, subset_size=6)
     assert mean == pytest.approx(_brute_force_mmd2(x, y), rel=1e-10)
-    assert std == pytest.approx(0.0, abs=1e-12)  # every "subset" is a permutation of the whole set
+    assert std is None  # every "subset" would be the whole set: no spread to measure
+    _, std = kernel_inception_distance(x, y[:5], num_subsets=20, subset_size=6)
+    assert std > 1e-6  # subsets of the larger set differ: a real spread
 
 
 def test_kid_same_vs_shifted_distribution():

@@ -144,3 +144,10 @@ def test_pointwise_conv_equals_1x1_conv_with_the_same_params():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="1x1 stride-1"):
         nn.Conv(4, (3, 3), conv_general_dilated=pointwise_conv_general_dilated).init(jax.random.key(0), x)
+    # Arguments the matmul form cannot honour are refused, not ignored.
+    k = jnp.ones((1, 1, 6, 4))
+    with pytest.raises(ValueError, match="padding"):
+        pointwise_conv_general_dilated(x, k, (1, 1), ((1, 1), (0, 0)))
+    nchw = jax.lax.conv_dimension_numbers((2, 6, 3, 5), (4, 6, 1, 1), ("NCHW", "OIHW", "NCHW"))
+    with pytest.raises(ValueError, match="dimension_numbers"):
+        pointwise_conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=nchw)

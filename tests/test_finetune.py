@@ -162,7 +162,7 @@ def test_finetune_end_to_end(converted, tmp_path):
 
     # The loss on one fixed batch, timesteps and noise: lower with the fine-tuned raw weights than before.
     loaded = LoadedLDM.load(workdir)
-    tokens = loaded._tokens(PROMPTS)
+    tokens = loaded.tokens(PROMPTS)
     rng = np.random.default_rng(1)
     x0 = jnp.asarray(rng.normal(size=(4, 4, 4, 4)).astype(np.float32))
     t = jnp.asarray([100, 400, 700, 900])

@@ -152,9 +152,9 @@ def test_init_noise_and_img2img(text_run, folder, tmp_path, capsys):
 
     # img2img at a small strength on an (almost) untrained model, whose zero-initialised output layer predicts
     # eps ≈ 0: DDIM then rescales the noised latent back, so the result is ≈ the autoencoder's reconstruction.
-    from ldm_jax.inference import load_init_images
+    from ldm_jax.data.images import load_images
 
-    init = load_init_images(folder.replace("{split}", "test"), ldm.config)[:2]
+    init = load_images(folder.replace("{split}", "test"), RES, RES, 3)[:2]
     out = ldm.sample([0, 1], steps=50, prompts=["a boat"], init_images=init, strength=0.02, seed=0)
     fs = ldm.first_stage
     rec = np.clip(np.asarray(fs.decode(fs.variables, fs.encode(fs.variables, jnp.asarray(init)))), -1, 1)
@@ -176,3 +176,29 @@ def test_init_noise_and_img2img(text_run, folder, tmp_path, capsys):
     assert sample_main(args + ["--init_noise", str(tmp_path / "noise.npy"), "--num_samples", "3",
                                "--out", str(tmp_path / "y")]) == 2
     assert "--init_noise holds 2 starting noises for 3 samples" in capsys.readouterr().err
+
+
+def test_init_from_our_own_text_run(text_run, ae_dir, folder, tmp_path):
+    """init_from works for our own stage-2 workdirs: the new run takes the source's model, tokenizer and weights
+    and starts at step 0 (its first EMA is 0.1 × source EMA + 0.9 × the first update, the warm-up decay)."""
+    from ldm_jax.inference import restore_ema
+    from ldm_jax.training.init_from import load_init_weights
+    from ldm_jax.training.train_ldm import train_and_evaluate
+
+    cfg = _config(ae_dir, folder, "class")  # the run's own model fields are replaced by the source's
+    cfg.init_from = text_run
+    cfg.train.update(num_steps=1, base_lr=1e-9, ckpt_every=1)
+    workdir = str(tmp_path / "ft")
+    train_and_evaluate(cfg, workdir)
+    saved = json.load(open(os.path.join(workdir, "config.json")))
+    source = json.load(open(os.path.join(text_run, "config.json")))
+    assert saved["model"]["cond_stage"] == "text" and saved["condition"]["type"] == "text"
+    assert {k: v for k, v in saved["model"].items() if k != "train_text_encoder"} == \
+        {k: v for k, v in source["model"].items() if k != "train_text_encoder"}
+    assert saved["condition"]["vocab_path"] == os.path.join(text_run, "tokenizer")
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]  # a new run: step 0 -> 1
+    src_raw, src_ema, _ = load_init_weights(text_run)
+    new_ema, _, _ = restore_ema(workdir)
+    # lr 1e-9: the update is negligible, so the first EMA is 0.1 × the source's EMA + 0.9 × its raw weights.
+    jax.tree.map(lambda n, e, r: np.testing.assert_allclose(n, 0.1 * e + 0.9 * r, atol=1e-5), new_ema, src_ema,
+                 src_raw)

@@ -316,7 +316,7 @@ def test_cli_round_trip_loads_and_matches(sd_folder, tmp_path, kl, unet, clip):
     assert {k: ldm.model.unet_kwargs[k] for k in want} == want and ldm.model.clip == clip_kwargs(clip[1])
     jax.tree.map(np.testing.assert_array_equal, ldm.params, {"unet": unet[2], "cond_encoder": clip[2]})
     jax.tree.map(np.testing.assert_array_equal, ldm.first_stage.variables["params"], kl[2])
-    tokens = ldm._tokens(["hi", ""])
+    tokens = ldm.tokens(["hi", ""])
     assert tokens.shape == (2, 77)
     np.testing.assert_array_equal(tokens[:, :4], [[VOCAB - 2, VOCAB - 3, VOCAB - 1, VOCAB - 1],
                                                   [VOCAB - 2, VOCAB - 1, VOCAB - 1, VOCAB - 1]])

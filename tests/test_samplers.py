@@ -160,7 +160,7 @@ def test_masked_ddim_keeps_known_region(sched):
     shape = (8, 4, 4, 1)
     known = jax.random.normal(jax.random.PRNGKey(6), shape) * S + MU
     f = jax.jit(lambda m, paste: ddim_sample(oracle(sched), sched, shape, jax.random.PRNGKey(7), steps=20,
-                                             mask=m, x0_known=known, paste_known=paste), static_argnums=1)
+                                             keep_mask=m, x0_known=known, paste_known=paste), static_argnums=1)
     ones = jnp.ones(shape)
     np.testing.assert_array_equal(f(ones, True), known)
     # reference semantics (no final paste): the last step starts from q_sample(known, t=1), so it stays close
@@ -172,7 +172,7 @@ def test_masked_ddim_keeps_known_region(sched):
     np.testing.assert_array_equal(out[:, :, :2], known[:, :, :2])
     assert np.abs(np.asarray(out[:, :, 2:] - known[:, :, 2:])).mean() > 0.1  # generated, not copied
     with pytest.raises(ValueError, match="x0_known"):
-        ddim_sample(oracle(sched), sched, shape, jax.random.PRNGKey(0), mask=ones)
+        ddim_sample(oracle(sched), sched, shape, jax.random.PRNGKey(0), keep_mask=ones)
 
 
 def test_classifier_free_guidance():

@@ -322,3 +322,33 @@ def test_two_processes_train_like_one(multihost):
     # Both processes wrote their shards through Orbax.
     state_dir = os.path.join(wd, "checkpoints", str(MH_STEPS), "state")
     assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(state_dir))
+
+
+# --- 2 processes: scale_by_std from the global batch, as one process computes it ---
+
+def test_two_process_scale_by_std_uses_the_global_batch(tmp_path):
+    fs_dir = str(tmp_path / "s1")
+    su.write_stage1_workdir(fs_dir, su.tiny_ae_config())
+    tiny_ldm = os.path.join(su.REPO, "tests", "tiny_config.py") + ":ldm"
+    port, wd, procs = su.free_port(), str(tmp_path / "ldm"), []
+    for pid in range(2):
+        overrides = {"first_stage.workdir": fs_dir, "first_stage.scale_by_std": True, "train.num_steps": 1,
+                     "distributed.enabled": True, "distributed.coordinator_address": f"127.0.0.1:{port}",
+                     "distributed.num_processes": 2, "distributed.process_id": pid}
+        procs.append(su.start_train(tiny_ldm, wd, overrides, 4, log_path=f"{wd}.{pid}.log",
+                                    extra_env={"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}))
+    for p in procs:
+        assert su.wait(p, 600) == 0, su.log_tail(p)
+    got = [float(su.logged_scale(p)) for p in procs]
+    # The same factor in one process from the whole of batch 0 (a posterior sample with the run's key).
+    from ldm_jax.training.train_ldm import scale_key
+
+    cfg = su.tiny_ldm_config(fs_dir, **{"first_stage.scale_by_std": True})
+    fs = L.load_first_stage(fs_dir)
+    images = make_dataset(cfg.data, "train", cfg.train.batch_size, cfg.seed).batch_at(0)["image"]
+    want = L.first_batch_scale(fs, images, scale_key(cfg))
+    assert got[0] == got[1] == pytest.approx(want, rel=1e-4)
+    half = L.first_batch_scale(fs, images[:4], scale_key(cfg))  # what process 0 alone would have computed
+    assert abs(half - want) > 1e-3 * want
+    state, _ = su.restore_host(wd, 1)
+    assert float(state["scale_factor"]) == pytest.approx(want, rel=1e-4)

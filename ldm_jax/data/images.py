@@ -1,4 +1,4 @@
-"""Image arrays ↔ PNG files: [-1, 1] floats to uint8, grids, atomic writes."""
+"""Image arrays ↔ files: [-1, 1] floats to uint8, grids, atomic PNG writes; img2img sources and starting noise."""
 
 from __future__ import annotations
 
@@ -47,3 +47,31 @@ def save_png(image: np.ndarray, path: str) -> None:
 def save_grid(images: np.ndarray, path: str, nrow: int) -> None:
     """[-1, 1] float images (N, H, W, C) → a PNG grid."""
     save_png(make_grid(to_uint8(images), nrow), path)
+
+
+def load_images(path: str, height: int, width: int, channels: int) -> np.ndarray:
+    """An image file, or every image under a folder (sorted), resized to cover height × width and centre-cropped, as
+    float32 (N, height, width, channels) in [-1, 1] (sample.py --init_image)."""
+    from ldm_jax.data.pipeline import Preprocessor, to_float
+    from ldm_jax.data.sources import DECODE_ERRORS, ImageFolderSource, decode_image
+
+    if os.path.isdir(path):
+        src = ImageFolderSource(path)
+        raw = [src.get(i)["image"] for i in range(len(src))]
+    elif os.path.isfile(path):
+        try:
+            raw = [decode_image(path)]
+        except DECODE_ERRORS as e:
+            raise ValueError(f"--init_image: cannot read {path} ({type(e).__name__})") from None
+    else:
+        raise FileNotFoundError(f"--init_image: no such file or folder: {path}")
+    prep = Preprocessor(height, channels, "resize", augment=False, width=width)
+    return to_float(np.stack([prep(im) for im in raw]))
+
+
+def load_npy(path: str, flag: str = "--init_noise") -> np.ndarray:
+    """A float32 array from a .npy file; never a pickle."""
+    try:
+        return np.load(path, allow_pickle=False).astype(np.float32)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{flag}: cannot read {path} as a .npy array ({str(e).splitlines()[0]})") from None

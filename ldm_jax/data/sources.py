@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import json
 import logging
 import os
 import threading
@@ -16,6 +14,7 @@ from functools import cache
 import numpy as np
 from PIL import Image
 
+from ldm_jax.data.captions import METADATA_FILES, CaptionStats, decode_text, read_metadata
 from ldm_jax.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 from ldm_jax.data.text import class_captions
 
@@ -159,79 +158,6 @@ def decode_image(file: str) -> np.ndarray:
             return np.asarray(im.convert("RGB"))  # convert() forces the full decode; palettes expand
 
 
-METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # the Hugging Face imagefolder layout
-
-
-class CaptionStats:
-    """Counts of caption problems met so far (thread-safe); logged once each, reported in metrics.json."""
-
-    KINDS = ("missing", "empty", "non_utf8")
-
-    def __init__(self):
-        self._seen: dict[str, set[int]] = {k: set() for k in self.KINDS}
-        self._lock = threading.Lock()
-
-    def add(self, kind: str, index: int, detail: str) -> None:
-        with self._lock:
-            new = index not in self._seen[kind]
-            self._seen[kind].add(index)
-            first = new and len(self._seen[kind]) == 1
-        if first:
-            logging.warning("captions: %s caption for %s (used as the empty caption, i.e. the null condition; "
-                            "further cases are only counted: metrics.json caption_%s)", kind.replace("_", "-"),
-                            detail, kind)
-
-    def counts(self) -> dict[str, int]:
-        with self._lock:
-            return {k: len(v) for k, v in self._seen.items()}
-
-
-def _decode_text(raw: bytes, stats: CaptionStats, index: int, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        stats.add("non_utf8", index, where)
-        return raw.decode("utf-8", errors="replace")
-
-
-def _caption_list(value, where: str) -> list[str]:
-    """A metadata `text` value (str, or a list of str) as a list of captions."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
-    raise ValueError(f"data.path: {where}: 'text' must be a string or a list of strings, got {type(value).__name__}")
-
-
-def read_metadata(path: str) -> dict[str, list[str]]:
-    """metadata.jsonl / metadata.csv → {normalised file path: captions}; `file_name` is relative to the file."""
-    base = os.path.dirname(path)
-    rows: list[tuple[str, object]] = []
-    with open(path, "rb") as f:
-        text = f.read().decode("utf-8", errors="replace")
-    if path.endswith(".jsonl"):
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"data.path: {path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "file_name" not in row:
-                raise ValueError(f"data.path: {path}:{n}: each line needs a 'file_name' field")
-            rows.append((str(row["file_name"]), row.get("text", "")))
-    else:
-        reader = csv.DictReader(text.splitlines())
-        if not reader.fieldnames or "file_name" not in reader.fieldnames:
-            raise ValueError(f"data.path: {path}: the CSV needs a 'file_name' column (and 'text')")
-        rows = [(r["file_name"], r.get("text") or "") for r in reader]
-    out: dict[str, list[str]] = {}
-    for n, (name, value) in enumerate(rows, 1):
-        key = os.path.normpath(os.path.join(base, name))
-        out.setdefault(key, []).extend(_caption_list(value, f"{path} row {n}"))
-    return out
-
-
 class ImageFolderSource:
     """Images under `path` (recursive, sorted), decoded lazily with PIL to RGB, with optional captions.
 
@@ -324,7 +250,7 @@ class ImageFolderSource:
             except OSError:
                 self.caption_stats.add("missing", index, sidecar)
                 return ("",)
-            caps = _decode_text(raw, self.caption_stats, index, sidecar).splitlines()
+            caps = decode_text(raw, self.caption_stats, index, sidecar).splitlines()
         caps = [c.strip() for c in caps if c.strip()]
         if not caps:
             self.caption_stats.add("empty", index, file)
@@ -440,7 +366,7 @@ class TFDSSource:
         values = [node] if isinstance(node, (str, bytes)) else list(np.asarray(node, dtype=object).reshape(-1))
         caps = []
         for v in values:
-            text = _decode_text(v, self.caption_stats, index, self.name) if isinstance(v, bytes) else str(v)
+            text = decode_text(v, self.caption_stats, index, self.name) if isinstance(v, bytes) else str(v)
             if text.strip():
                 caps.append(text.strip())
         if not caps:

@@ -128,7 +128,7 @@ def _ddim_alphas(sched: DiffusionSchedule, ts: np.ndarray, eta: float):
 
 def ddim_sample(model_fn: ModelFn, sched: DiffusionSchedule, shape: tuple[int, ...], key: jax.Array,
                 steps: int = 50, eta: float = 0.0, spacing: str = "uniform", parameterization: str = "eps",
-                x_T: jnp.ndarray | None = None, mask: jnp.ndarray | None = None,
+                x_T: jnp.ndarray | None = None, keep_mask: jnp.ndarray | None = None,
                 x0_known: jnp.ndarray | None = None, clip_denoised: bool = False,
                 paste_known: bool = True, start_index: int | None = None) -> jnp.ndarray:
     """DDIM (Song et al. 2021) as the reference DDIMSampler; eta=0 is deterministic given x_T.
@@ -136,15 +136,16 @@ def ddim_sample(model_fn: ModelFn, sched: DiffusionSchedule, shape: tuple[int, .
     start_index k (img2img, the reference's `decode(x_latent, cond, t_start=k)`): x_T is a latent already noised
     (see `img2img_timestep`) and only the first k of the selected timesteps are run, from the k-th down.
 
-    Inpainting: where mask == 1 the known region is kept: before every step x = mask * q_sample(x0_known, t)
-    + (1 - mask) * x (reference); with paste_known (not in the reference) the clean x0_known is pasted once
-    more after the last step, so the kept region is exact.
+    Masked sampling (keep_mask: 1 = keep x0_known, 0 = generate; the inverse of the inpainting condition's mask,
+    where 1 = the region to inpaint): before every step x = keep_mask * q_sample(x0_known, t) + (1 - keep_mask) * x
+    (reference); with paste_known (not in the reference) the clean x0_known is pasted once more after the last step,
+    so the kept region is exact.
     """
     check_parameterization(parameterization)
     if float(eta) < 0:
         raise ValueError(f"sampling.eta must be >= 0, got {eta}")
-    if mask is not None and x0_known is None:
-        raise ValueError("sampling mask given without x0_known (the known latents to keep)")
+    if keep_mask is not None and x0_known is None:
+        raise ValueError("sampling keep_mask given without x0_known (the known latents to keep)")
     ts = ddim_timesteps(sched.num_timesteps, steps, spacing)
     a, a_prev, sigma = _ddim_alphas(sched, ts, eta)
     if start_index is not None:
@@ -154,17 +155,17 @@ def ddim_sample(model_fn: ModelFn, sched: DiffusionSchedule, shape: tuple[int, .
     x, loop_key = _init_x(shape, key, x_T)
     keys = jax.random.split(loop_key, len(ts))
     stochastic = float(eta) > 0
-    if mask is not None:
-        mask = jnp.asarray(mask, dtype=x.dtype)
+    if keep_mask is not None:
+        keep_mask = jnp.asarray(keep_mask, dtype=x.dtype)
         x0_known = jnp.asarray(x0_known, dtype=x.dtype)
 
     def body(x, inp):
         t, a_p, s, k = inp
         tb = _tb(t, shape[0])
         q_key, n_key = jax.random.split(k)
-        if mask is not None:
+        if keep_mask is not None:
             known = q_sample(sched, x0_known, tb, jax.random.normal(q_key, x.shape, dtype=x.dtype))
-            x = mask * known + (1.0 - mask) * x
+            x = keep_mask * known + (1.0 - keep_mask) * x
         x0, eps = to_x0_eps(sched, x, tb, model_fn(x, tb), parameterization)
         if clip_denoised:
             x0 = jnp.clip(x0, -1.0, 1.0)
@@ -177,8 +178,8 @@ def ddim_sample(model_fn: ModelFn, sched: DiffusionSchedule, shape: tuple[int, .
         return x, None
 
     x, _ = jax.lax.scan(body, x, (jnp.asarray(ts[::-1]), a_prev[::-1], sigma[::-1], keys))
-    if mask is not None and paste_known:
-        x = mask * x0_known + (1.0 - mask) * x
+    if keep_mask is not None and paste_known:
+        x = keep_mask * x0_known + (1.0 - keep_mask) * x
     return x
 
 

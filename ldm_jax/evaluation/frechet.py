@@ -125,10 +125,12 @@ def _mmd2_unbiased(f1: np.ndarray, f2: np.ndarray) -> float:
 
 
 def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, num_subsets: int = 100, subset_size: int = 1000,
-                              seed: int = 0) -> tuple[float, float]:
+                              seed: int = 0) -> tuple[float, float | None]:
     """KID (Binkowski et al. 2018): (mean, std) of unbiased cubic-kernel MMD² over random equal-size subsets.
 
-    subset_size is clipped to the smaller set (as clean-fid does), so small sample counts still work.
+    subset_size is clipped to the smaller set (as clean-fid does), so small sample counts still work. When that
+    makes every subset the whole of both sets, all subsets give the same MMD² (it is permutation invariant): the
+    std is then None (no spread can be measured), not the ~1e-14 of float rounding.
     """
     f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
@@ -137,6 +139,8 @@ def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, num_subsets: int =
     m = min(subset_size, len(f1), len(f2))
     if m < 2:
         raise ValueError(f"kernel_inception_distance needs >= 2 features per set, got {len(f1)}, {len(f2)}")
+    if m == len(f1) == len(f2):
+        return float(_mmd2_unbiased(f1, f2)), None
     rng = np.random.RandomState(seed)
     mmds = np.empty((num_subsets,), np.float64)
     for i in range(num_subsets):

@@ -3,9 +3,9 @@
 Pure reformulations: the forward passes compute the same expressions as jax.nn.dot_product_attention and
 flax's nn.Dense (Dense bit-for-bit; attention up to float rounding), and the backward passes are the exact
 gradients. Why: autodiff of those ops leaves XLA:CPU batched dots that contract a non-minor dimension of the
-big operand (softmax probabilities, Dense output gradients) and broadcasts it materialises; measured on a
-2-core AVX2 CPU, attention fwd+bwd (8x256 tokens, 6 heads of 32) went 91 -> 39 ms and a 192 -> 1536 Dense
-181 -> 115 ms (docs/benchmarks.md). On GPU prefer "cudnn".
+big operand (softmax probabilities, Dense output gradients) and broadcasts it materialises; these VJPs avoid both
+(attention fwd+bwd ~2.3x and Dense ~1.6x faster on a 2-core CPU; figures in docs/benchmarks.md). On GPU prefer
+"cudnn".
 """
 
 from __future__ import annotations
@@ -161,6 +161,12 @@ def pointwise_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilati
     plain = all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
     if rhs.shape[:2] != (1, 1) or tuple(window_strides) != (1, 1) or feature_group_count != 1 or not plain:
         raise ValueError("pointwise_conv: only 1x1 stride-1 undilated convolutions are supported")
+    no_pad = padding in ("SAME", "VALID") or all(tuple(p) == (0, 0) for p in padding)
+    specs = tuple(tuple(getattr(dimension_numbers, k, ())) for k in ("lhs_spec", "rhs_spec", "out_spec"))
+    nhwc = dimension_numbers is None or specs == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+    if not (no_pad and nhwc):  # the matmul form is only the same product for unpadded NHWC/HWIO operands
+        raise ValueError(f"pointwise_conv: padding {padding!r} / dimension_numbers {dimension_numbers!r} are not "
+                         "supported (unpadded NHWC input, HWIO kernel only)")
     if precision is not None:
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, dimension_numbers=dimension_numbers,
                                             precision=precision)

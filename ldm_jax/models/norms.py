@@ -2,12 +2,12 @@
 nn.GroupNorm and nn.LayerNorm.
 
 Why: XLA:CPU reduces a (N, H*W, groups, C/groups) view slowly when C/groups is small (3 channels per group at
-96 channels): on a 2-core AVX2 CPU flax's GroupNorm took 6.0 ms forward and 5.3 ms fwd+bwd on 8x32x32x96,
-this one 1.4 ms and 3.5 ms (docs/benchmarks.md). Statistics are reduced over H*W per channel first (the minor
-axis stays contiguous), then over the few channels of each group; the variance is two-pass, E[(x - mean)^2],
-in float32 whatever the input dtype. The backward is the closed-form GroupNorm gradient, reduced the same way.
-An optional SiLU runs inside the same VJP, so norm + activation cost one elementwise pass forward and two
-backward (the UNet's and autoencoder's GroupNorm -> SiLU pairs; 8x32x32x288 fwd+bwd 28 -> 14 ms on one core).
+96 channels), several times slower than this formulation (figures: docs/benchmarks.md, "GroupNorm"). Statistics
+are reduced over H*W per channel first (the minor axis stays contiguous), then over the few channels of each
+group; the variance is two-pass, E[(x - mean)^2], in float32 whatever the input dtype. The backward is the
+closed-form GroupNorm gradient, reduced the same way. An optional SiLU runs inside the same VJP, so norm +
+activation cost one elementwise pass forward and two backward (the UNet's and autoencoder's GroupNorm -> SiLU
+pairs; about half the time of the unfused pair).
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ Dtype = Any
 
 
 # Group <-> channel maps are tiny dots with a 0/1 matrix rather than reshape/repeat: XLA:CPU then materialises
-# the (N, C) coefficients, where a repeat fused into the big elementwise loop cost it 3-4x in index arithmetic
-# (8x32x32x288 silu(GroupNorm): 6.9 -> 3.6 ms forward, fwd+bwd 28 -> 14 ms, one core). HIGHEST keeps the
-# products exact on backends whose default float32 dot precision is lower.
+# the (N, C) coefficients, where a repeat fused into the big elementwise loop cost it 3-4x in index arithmetic.
+# HIGHEST keeps the products exact on backends whose default float32 dot precision is lower.
 _EXACT = jax.lax.Precision.HIGHEST
 
 
@@ -167,8 +166,8 @@ layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 class LayerNorm(nn.Module):
     """Drop-in for nn.LayerNorm(epsilon) over the last axis (same params 'scale', 'bias' and init; forward equal
-    to float rounding) with the closed-form backward: XLA:CPU ran autodiff's version at 1.1 ms vs 0.7 ms for
-    8x256x192 and materialised the scale's broadcast to the full input for it. Result in `dtype` (default: x's)."""
+    to float rounding) with the closed-form backward: autodiff's version materialised the scale's broadcast to the
+    full input on XLA:CPU and ran ~1.5x slower. Result in `dtype` (default: x's)."""
 
     epsilon: float = 1e-6
     dtype: Dtype | None = None

@@ -37,7 +37,7 @@ class AEState:
 
 def build_models(config: ml_collections.ConfigDict):
     """The autoencoder, the discriminator and their two Adam optimizers (betas 0.5, 0.9, as the reference)."""
-    if config.train.get("grad_accum", 1) != 1:  # scaled_lr would scale the rate for an accumulation not done
+    if config.train.grad_accum != 1:  # scaled_lr would scale the rate for an accumulation not done
         raise ValueError(f"train.grad_accum={config.train.grad_accum}: stage 1 has no gradient accumulation "
                          "(raise train.batch_size or add devices)")
     model = build_autoencoder(config.model)
@@ -45,7 +45,7 @@ def build_models(config: ml_collections.ConfigDict):
     disc = NLayerDiscriminator(ndf=lc.disc_ndf, n_layers=lc.disc_n_layers, norm=lc.disc_norm)
     lr = scaled_lr(config.train)
     tx_g = optax.adam(lr, b1=0.5, b2=0.9)
-    tx_d = optax.adam(lr * lc.get("disc_lr_mult", 1.0), b1=0.5, b2=0.9)
+    tx_d = optax.adam(lr * lc.disc_lr_mult, b1=0.5, b2=0.9)
     return model, disc, tx_g, tx_d
 
 
@@ -54,7 +54,7 @@ def init_state(config, model, disc, tx_g, tx_d, key: jax.Array, image_shape: tup
     x = jnp.zeros((1, *image_shape), jnp.float32)
     variables = model.init({"params": k_model}, x)
     model_params = variables.pop("params")
-    params = {"model": model_params, "logvar": jnp.asarray(config.loss.get("logvar_init", 0.0), jnp.float32)}
+    params = {"model": model_params, "logvar": jnp.asarray(config.loss.logvar_init, jnp.float32)}
     dvars = disc.init(k_disc, x, train=False)
     return AEState(
         step=jnp.zeros((), jnp.int32),

@@ -17,6 +17,21 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+STATE_ITEM = "state"
+
+
+def _item_metadata_noise(record: logging.LogRecord) -> bool:
+    """Drops Orbax's "Metadata file does not exist: …/state/_CHECKPOINT_METADATA": reading the `state` item on its
+    own (restore_raw, inference.restore_ema) looks for that file in the item folder, where a CheckpointManager never
+    writes it (it lives one level up, in the step folder, and is read there). Other missing-metadata warnings stay."""
+    if not str(record.msg).startswith("Metadata file does not exist"):
+        return True
+    path = str(record.args[0]) if record.args else ""
+    return os.path.basename(os.path.dirname(path)) != STATE_ITEM
+
+
+logging.getLogger("absl").addFilter(_item_metadata_noise)
+
 
 class Checkpointer:
     """Saves/restores `state` + `meta` under `WORKDIR/checkpoints/<step>` (async saves)."""

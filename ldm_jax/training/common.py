@@ -20,13 +20,13 @@ from ldm_jax.training import mesh as mesh_lib
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     """`jax.distributed.initialize` from config/env (no-op for one process; automatic on TPU/SLURM via JAX)."""
-    dist = config.get("distributed", None)
-    if dist is None or not dist.get("enabled", False):
+    dist = config.distributed
+    if not dist.enabled:
         return
     if jax.distributed.is_initialized():
         return
     kwargs = {}
-    if dist.get("coordinator_address"):
+    if dist.coordinator_address:
         kwargs = dict(
             coordinator_address=dist.coordinator_address,
             num_processes=dist.num_processes,
@@ -64,9 +64,9 @@ def make_writer(workdir: str):
 
 def scaled_lr(train_cfg: ml_collections.ConfigDict) -> float:
     """Reference scaling: lr = base_lr × global batch × grad-accumulation steps (unless scale_lr is off)."""
-    if not train_cfg.get("scale_lr", True):
+    if not train_cfg.scale_lr:
         return float(train_cfg.base_lr)
-    return float(train_cfg.base_lr) * train_cfg.batch_size * train_cfg.get("grad_accum", 1)
+    return float(train_cfg.base_lr) * train_cfg.batch_size * train_cfg.grad_accum
 
 
 def compile_step(step_fn, args: tuple, in_shardings, out_shardings, donate_argnums=(0,), name: str = "train_step",

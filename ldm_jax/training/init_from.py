@@ -12,13 +12,13 @@ the source's EMA weights.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import ml_collections
 import numpy as np
 
+from ldm_jax.config_defaults import load_saved_config
 from ldm_jax.training.checkpoint import Checkpointer
 from ldm_jax.training.ldm import resolve_first_stage
 
@@ -37,8 +37,7 @@ def read_source_config(path: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"init_from: {path} has no config.json (a stage-2 workdir, e.g. OUT/ldm of "
                                 "python -m ldm_jax.convert)")
-    with open(cfg_path) as f:
-        src = ml_collections.ConfigDict(json.load(f))
+    src = load_saved_config(cfg_path)
     if src.get("stage") != "ldm":
         raise ValueError(f"init_from: {path} holds a {src.get('stage')!r} run, not a latent diffusion (stage-2) run")
     return src
@@ -64,8 +63,8 @@ def apply_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     config.first_stage.scale_factor = float(src.first_stage.scale_factor)
     config.condition.type = src.condition.type
     if src.condition.type == "text":
-        config.condition.tokenizer = src.condition.get("tokenizer", "bert")
-        config.condition.vocab_path = src.condition.get("vocab_path") or os.path.join(path, "tokenizer")
+        config.condition.tokenizer = src.condition.tokenizer
+        config.condition.vocab_path = src.condition.vocab_path or os.path.join(path, "tokenizer")
     return config
 
 

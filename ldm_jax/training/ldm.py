@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from ldm_jax.config_defaults import load_saved_config
 from ldm_jax.diffusion import DiffusionSchedule, diffusion_loss
 from ldm_jax.diffusion.generate import check_sampling_options
 from ldm_jax.models.autoencoder import build_autoencoder
@@ -54,8 +54,7 @@ def load_first_stage(workdir: str) -> FirstStage:
     cfg_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"first_stage.workdir: no stage-1 config at {cfg_path} (train stage 1 first)")
-    with open(cfg_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = load_saved_config(cfg_path)
     if config.get("stage") != "autoencoder":
         raise ValueError(f"first_stage.workdir: {workdir} holds a {config.get('stage')!r} run, not an autoencoder")
     ckpt = Checkpointer(workdir, async_save=False)
@@ -95,12 +94,11 @@ class LDMState:
 
 def make_schedule(cfg: ml_collections.ConfigDict) -> DiffusionSchedule:
     d = cfg.diffusion
-    if d.get("zero_terminal_snr", False) and d.parameterization == "eps":
+    if d.zero_terminal_snr and d.parameterization == "eps":
         raise ValueError("diffusion.zero_terminal_snr needs diffusion.parameterization 'v' or 'x0' (at SNR 0 an eps "
                          "prediction says nothing about x0)")
-    # .get: config.json files written before these fields existed still load.
-    return DiffusionSchedule.create(d.schedule, d.num_timesteps, d.linear_start, d.linear_end,
-                                    d.get("cosine_s", 8e-3), d.get("zero_terminal_snr", False))
+    return DiffusionSchedule.create(d.schedule, d.num_timesteps, d.linear_start, d.linear_end, d.cosine_s,
+                                    d.zero_terminal_snr)
 
 
 def check_sampling(cfg: ml_collections.ConfigDict) -> None:
@@ -113,7 +111,7 @@ def check_sampling(cfg: ml_collections.ConfigDict) -> None:
 def frozen_parts(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     """Top-level param groups that do not train: the text encoder τθ unless model.train_text_encoder."""
     m = cfg.model
-    if m.get("cond_stage", "none") in ("text", "clip") and not m.get("train_text_encoder", True):
+    if m.cond_stage in ("text", "clip") and not m.train_text_encoder:
         return ("cond_encoder",)
     return ()
 
@@ -122,31 +120,31 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
     """AdamW (weight decay 0.01, torch's default the reference used) with linear warm-up; optional accumulation.
     Frozen parts (`frozen_parts`) get zero updates and no optimizer moments."""
     tc = cfg.train
-    warmup = tc.get("warmup_steps", 0)
+    warmup = tc.warmup_steps
     # No warm-up means the full rate from the first update (a 1-step warm-up would make that update lr 0).
     lr = optax.warmup_constant_schedule(0.0, scaled_lr(tc), warmup) if warmup > 0 else scaled_lr(tc)
-    tx = optax.adamw(lr, weight_decay=tc.get("weight_decay", 0.01))
-    if tc.get("grad_clip", 0.0):
+    tx = optax.adamw(lr, weight_decay=tc.weight_decay)
+    if tc.grad_clip:
         tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip), tx)
     frozen = frozen_parts(cfg)
     if frozen:
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
                                    lambda params: {k: "frozen" if k in frozen else "train" for k in params})
-    if tc.get("grad_accum", 1) > 1:
+    if tc.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=tc.grad_accum)
     return tx
 
 
 def build_model(cfg: ml_collections.ConfigDict, first_stage: FirstStage) -> LatentDiffusionModel:
-    if cfg.model.get("latent_channels") and cfg.model.latent_channels != first_stage.latent_channels:
+    if cfg.model.latent_channels and cfg.model.latent_channels != first_stage.latent_channels:
         raise ValueError(f"model.latent_channels={cfg.model.latent_channels} but the stage-1 model at "
                          f"{first_stage.workdir} has embed_dim={first_stage.latent_channels}")
     ctype = cfg.condition.type
     if ctype not in CONDITION_TYPES:
         raise ValueError(f"condition.type must be one of {CONDITION_TYPES}, got {ctype!r}")
-    if ctype == "lowres" and cfg.condition.get("lowres_mode", "pixels") not in LOWRES_MODES:
+    if ctype == "lowres" and cfg.condition.lowres_mode not in LOWRES_MODES:
         raise ValueError(f"condition.lowres_mode must be one of {LOWRES_MODES}, got {cfg.condition.lowres_mode!r}")
-    if ctype == "semantic" and not cfg.model.get("concat_in_channels"):
+    if ctype == "semantic" and not cfg.model.concat_in_channels:
         raise ValueError("condition.type='semantic' needs model.concat_in_channels (the number of segment classes)")
     return build_latent_diffusion(cfg.model, first_stage.latent_channels)
 
@@ -192,7 +190,7 @@ def lowres_image(cfg, images: jax.Array) -> jax.Array:
 
 
 def spatial_condition(cfg, first_stage: FirstStage, fs_vars, images: jax.Array, scale: jax.Array,
-                      key: jax.Array, mask: jax.Array | None = None,
+                      key: jax.Array, inpaint_mask: jax.Array | None = None,
                       segmentation: jax.Array | None = None) -> dict[str, jax.Array]:
     """The concat conditions: a low-res copy (pixels, or its upsampled copy's latents), masked-image latents +
     mask, or a one-hot semantic map (from the batch's `segmentation`: int ids (B, H, W) or one-hot)."""
@@ -200,14 +198,14 @@ def spatial_condition(cfg, first_stage: FirstStage, fs_vars, images: jax.Array, 
     b, h, w, c = images.shape
     if ctype == "lowres":
         low = lowres_image(cfg, images)
-        if cfg.condition.get("lowres_mode", "pixels") == "latent":
+        if cfg.condition.lowres_mode == "latent":
             # Encode the bilinearly upsampled low-res image: the condition keeps all its detail at latent
             # resolution even when sr_factor < the stage-1 factor (pixels mode would have to shrink it).
             up = jax.image.resize(low, images.shape, method="linear")
             return {"concat": first_stage.encode(fs_vars, up) * scale}
         return {"concat": low}
     if ctype == "inpaint":
-        mask = random_box_masks(key, b, h, w) if mask is None else mask
+        mask = random_box_masks(key, b, h, w) if inpaint_mask is None else inpaint_mask
         masked = images * (1.0 - mask)
         zc = first_stage.encode(fs_vars, masked) * scale
         small = jax.image.resize(mask, (b, *zc.shape[1:3], 1), method="nearest")
@@ -255,7 +253,7 @@ def make_train_step(cfg, model: LatentDiffusionModel, first_stage: FirstStage, t
     """step(state, batch, fs_vars, null_tokens) -> (state, metrics): encode (frozen) → condition → DDPM loss."""
     base_key = jax.random.key(cfg.seed + 1)
     d = cfg.diffusion
-    ema_decay = cfg.train.get("ema_decay", 0.9999)
+    ema_decay = cfg.train.ema_decay
     frozen = frozen_parts(cfg)
 
     def ema_update(ema, params, decay):
@@ -267,13 +265,13 @@ def make_train_step(cfg, model: LatentDiffusionModel, first_stage: FirstStage, t
         key = jax.random.fold_in(base_key, state.step)
         k_post, k_mask, k_drop, k_loss, k_dropout = jax.random.split(key, 5)
         images = batch["image"]
-        sample_key = k_post if cfg.first_stage.get("sample_posterior", True) else None
+        sample_key = k_post if cfg.first_stage.sample_posterior else None
         z = jax.lax.stop_gradient(first_stage.encode(fs_vars, images, sample_key)) * state.scale_factor
         cond = {k: v for k, v in batch.items() if k in ("label", "tokens")}
         cond.update(spatial_condition(cfg, first_stage, fs_vars, images, state.scale_factor, k_mask,
                                       segmentation=batch.get("segmentation")))
         cond.pop("mask", None)
-        cond = drop_condition(cfg, cond, null_tokens, k_drop, cfg.condition.get("p_uncond", 0.0))
+        cond = drop_condition(cfg, cond, null_tokens, k_drop, cfg.condition.p_uncond)
 
         def loss_fn(params):
             def model_fn(x_t, t):

@@ -22,7 +22,7 @@ BATCH_AXES = ("data", "fsdp")
 
 def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int]:
     """Resolves the configured (data, fsdp) sizes; one of them may be -1 (= fill the remaining devices)."""
-    sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
+    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh: at most one of mesh.data / mesh.fsdp may be -1, got {sizes}")
     known = math.prod(s for s in sizes if s != -1)

@@ -23,7 +23,7 @@ def load_lpips_if_needed(config: ml_collections.ConfigDict, need_for_eval: bool 
     """LPIPS params when the perceptual loss (or eval) uses them; a one-line error says how to get them."""
     from ldm_jax.models.lpips_weights import load_lpips_params
 
-    path = config.loss.get("lpips_path") or None
+    path = config.loss.lpips_path or None
     if config.loss.perceptual_weight > 0:
         return load_lpips_params(path)  # raises FileNotFoundError with the install command
     if need_for_eval:

@@ -55,6 +55,22 @@ def setup_text(config: ml_collections.ConfigDict, workdir: str, source) -> tuple
     return tok, TextEncoder(tok, max_len), tokenize(tok, [NULL_TEXT], max_len)[0]
 
 
+def global_batch_images(local: np.ndarray) -> np.ndarray:
+    """The global batch's images from every process's rows (in process order), so that all processes compute the
+    same scale_by_std factor from the same batch."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+
+def scale_key(config: ml_collections.ConfigDict) -> jax.Array | None:
+    """scale_by_std uses a posterior *sample* of batch 0's latents, as the reference (get_first_stage_encoding), when
+    training encodes samples too (first_stage.sample_posterior); its std is what the diffusion model sees."""
+    return jax.random.key(config.seed + 2) if config.first_stage.sample_posterior else None
+
+
 def init_from_weights(path: str, abstract: L.LDMState, tx, state_sh) -> L.LDMState:
     """Step 0 of a fine-tuning run: the source's raw and EMA weights and scale factor, a fresh optimizer."""
     raw, ema, scale = load_init_weights(path)
@@ -149,7 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                          state_sh)
             scale = float(config.first_stage.scale_factor)
             if config.first_stage.scale_by_std:
-                scale = L.first_batch_scale(fs, first["image"], None)
+                scale = L.first_batch_scale(fs, global_batch_images(first["image"]), scale_key(config))
                 logging.info("scale_by_std: scale_factor = %.5f", scale)
             return jax.jit(init_fn, out_shardings=state_sh)(jax.random.key(config.seed), scale)
 
