@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE1 = ("kl_f4", "kl_f8", "kl_f16", "vq_f4", "vq_f8", "vq_f16")
 STAGE2 = ("ldm_f4", "ldm_kl8", "cin_ldm_vq_f8", "txt2img_kl8", "sr_bsr", "inpainting", "semantic")
 DEMOS = ("demo_autoencoder", "demo_ldm", "demo_txt2img", "demo_inpainting", "demo_sr")
+OTHERS = ("demo_pairs", "finetune_sd")  # tested below and in test_finetune.py / the pairs run
 
 
 def load(name: str):
@@ -44,7 +45,18 @@ def stage1_of(cfg):
 
 def test_every_config_file_is_covered():
     files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
-    assert files == set(STAGE1) | set(STAGE2) | set(DEMOS)
+    assert files == set(STAGE1) | set(STAGE2) | set(DEMOS) | set(OTHERS)
+
+
+def test_demo_pairs_and_finetune_configs():
+    c = load("demo_pairs")
+    assert (c.data.name, c.data.resolution, c.data.width, c.data.random_flip) == ("fashion_mnist_pairs", 32, 64, False)
+    assert c.condition.type == "text" and c.sampling.pair_eval_samples == 10
+    c.model.latent_channels = 4
+    _abstract_init_demo(c, latent_hw=(8, 16))
+    f = load("finetune_sd")
+    assert f.init_from == "" and not f.model.train_text_encoder and f.train.base_lr == 1e-5 and not f.train.scale_lr
+    assert f.condition.p_uncond == 0.1 and f.model.dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("name", STAGE1)
@@ -180,7 +192,7 @@ def test_demo_configs_load(name):
         _abstract_init_demo(c)
 
 
-def _abstract_init_demo(cfg):
+def _abstract_init_demo(cfg, latent_hw=(8, 8)):
     model = build_latent_diffusion(cfg.model, 4)
     cond = {}
     if cfg.condition.type == "class":
@@ -190,7 +202,7 @@ def _abstract_init_demo(cfg):
         model = build_latent_diffusion(cfg.model, 4)
         cond["tokens"] = jnp.zeros((1, cfg.model.text_max_len), jnp.int32)
     if cfg.model.conditioning_key == "concat":
-        cond["concat"] = jnp.zeros((1, 8, 8, cfg.model.concat_channels))
-    x = jnp.zeros((1, 8, 8, 4))
+        cond["concat"] = jnp.zeros((1, *latent_hw, cfg.model.concat_channels))
+    x = jnp.zeros((1, *latent_hw, 4))
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.zeros((1,), jnp.int32), cond))
     assert n_params(shapes["params"]) < 3e6  # sized for the 2-core CPU
