@@ -8,6 +8,7 @@ theirs.
 """
 
 import os
+import socket
 import sys
 
 from ldm_jax.xla_flags import set_default_xla_flags
@@ -77,7 +78,8 @@ def main(argv):
         _fail(f"--workdir {workdir} exists and is not a directory")
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        # Per process: the processes of a multi-host run probe one shared workdir at the same time.
+        probe = os.path.join(workdir, f".write_test.{socket.gethostname()}.{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:

@@ -126,13 +126,15 @@ def test_training_tokenizer_is_the_one_sampling_loads(tmp_path, kind):
         pytest.skip("open-clip-torch (its BPE file) not installed")
     from ldm_jax import inference
     from ldm_jax.config_defaults import ldm_config
+    from ldm_jax.data.sources import FashionMNISTSource
     from ldm_jax.training.train_ldm import setup_text
 
     cfg = ldm_config()
     cfg.condition.update(type="text", tokenizer=kind)
     cfg.model.update(text_max_len=16, vocab_size=0)
-    tok, table, null = setup_text(cfg, str(tmp_path))
+    tok, text_fn, null = setup_text(cfg, str(tmp_path), FashionMNISTSource("test"))
     assert cfg.model.vocab_size == len(tok) == (49408 if kind == "clip" else len(tok))
+    table = text_fn(class_captions(CLASS_NAMES))  # what the input pipeline feeds the step
     assert table.shape == (len(CLASS_NAMES), 16) and len({tuple(r) for r in table}) == len(CLASS_NAMES)
     again = inference.load_text_tokenizer(cfg, str(tmp_path))  # from WORKDIR/tokenizer, as sample.py does
     np.testing.assert_array_equal(tokenize(again, class_captions(CLASS_NAMES), 16), table)

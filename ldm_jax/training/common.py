@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from ldm_jax.training import mesh as mesh_lib
@@ -175,4 +176,8 @@ def to_host(tree: Any) -> Any:
 
 
 def replicate_to(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Every leaf replicated over the mesh. Through host numpy when several processes share the mesh: a committed
+    single-device array cannot be transferred to other hosts' devices (each process supplies its identical copy)."""
+    if jax.process_count() > 1:
+        tree = jax.tree.map(np.asarray, tree)
     return jax.device_put(tree, mesh_lib.replicated(mesh))
