@@ -28,6 +28,8 @@ setup(
         # clu's metric writers and tfds.load import TensorFlow; the CPU build is the usual companion of JAX.
         "tensorflow-cpu",
         "tensorflow-datasets",
+        "grain>=0.2.12,<0.3",  # parallel input pipeline (data.num_workers)
+        "array_record",  # packed shards (python -m ldm_jax.data.pack)
         "importlib_resources",
     ],
     extras_require={

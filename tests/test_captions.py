@@ -111,6 +111,41 @@ def test_caption_choice_tokens_and_exact_resume(tmp_path, tokenizer):
     assert long(["a red cat dog bird", "a"]).shape == (2, 4) and long.num_truncated == 1
 
 
+def test_worker_processes_give_the_same_batches_and_counts(tmp_path, tokenizer):
+    """grain worker processes (data.num_workers): the same batches as in-process assembly, for 1 and 2 workers and
+    after a restore mid-stream; caption problems met in the workers are counted in the main process."""
+    root = tmp_path / "data"
+    for i in range(12):
+        _png(str(root / f"{i:02d}.png"), 20 * i)
+        if i % 4:  # every 4th image has no caption; one caption is too long for 6 tokens
+            (root / f"{i:02d}.txt").write_text(f"a {WORDS[i % 10]} {WORDS[(i + 1) % 10]}" + " cat dog" * (i == 5))
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "12.png")
+    (root / "13.png").write_bytes(b"not a png")  # skipped (its neighbour 00.png is used), counted
+    cfg = _cfg(path=str(root), random_flip=True, preprocess="random_crop")
+    want = make_dataset(cfg, "train", 4, seed=5, text_fn=TextEncoder(tokenizer, 6))
+    batches = [want.batch_at(s) for s in range(8)]
+    for workers in (1, 2):
+        cfg.num_workers = workers
+        with make_dataset(cfg, "train", 4, seed=5, text_fn=TextEncoder(tokenizer, 6)) as ds:
+            got = [next(ds) for _ in range(8)]
+            for a, b in zip(got, batches, strict=True):
+                assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+            assert ds.num_skipped == want.num_skipped == 1
+            assert ds.caption_counts() == want.caption_counts()
+            assert ds.caption_counts()["caption_missing"] == 4 and ds.caption_counts()["caption_truncated"] >= 1
+            ds.restore(ds.state() | {"step": 3})
+            np.testing.assert_array_equal(next(ds)["image"], batches[3]["image"])
+
+
+def test_text_encoder_equals_tokenize_on_long_captions(tokenizer):
+    from ldm_jax.data.clip_tokenizer import load_clip_tokenizer
+
+    texts = ["a red cat dog bird tree house", "a", "", "a small green bird in a large tree near a house"]
+    for tok in (tokenizer, load_clip_tokenizer(None)):
+        for n in (3, 5, 40):
+            np.testing.assert_array_equal(TextEncoder(tok, n)(texts), tokenize(tok, texts, n))
+
+
 def test_uncaptioned_folder_refused_for_text(tmp_path, tokenizer):
     root = tmp_path / "data"
     for i in range(3):

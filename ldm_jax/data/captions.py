@@ -3,13 +3,36 @@ counts of caption problems (missing, empty, not UTF-8) that a run reports in met
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # the Hugging Face imagefolder layout
+
+
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def record_problems() -> Iterator[list[tuple[str, int]]]:
+    """Collects the (kind, index) problems this thread's source reads meet: the pipeline ships them with each batch,
+    so counts stay right when worker processes (whose sources are copies) do the reading."""
+    previous = getattr(_recording, "events", None)
+    _recording.events = events = []
+    try:
+        yield events
+    finally:
+        _recording.events = previous
+
+
+def note_problem(kind: str, index: int) -> None:
+    events = getattr(_recording, "events", None)
+    if events is not None:
+        events.append((kind, int(index)))
 
 
 class CaptionStats:
@@ -22,6 +45,7 @@ class CaptionStats:
         self._lock = threading.Lock()
 
     def add(self, kind: str, index: int, detail: str) -> None:
+        note_problem(kind, index)
         with self._lock:
             new = index not in self._seen[kind]
             self._seen[kind].add(index)
@@ -30,6 +54,12 @@ class CaptionStats:
             logging.warning("captions: %s caption for %s (used as the empty caption, i.e. the null condition; "
                             "further cases are only counted: metrics.json caption_%s)", kind.replace("_", "-"),
                             detail, kind)
+
+    def __getstate__(self) -> dict:  # picklable for worker processes (locks are not)
+        return {"_seen": self._seen}
+
+    def __setstate__(self, state: dict) -> None:
+        self._seen, self._lock = state["_seen"], threading.Lock()
 
     def counts(self) -> dict[str, int]:
         with self._lock:

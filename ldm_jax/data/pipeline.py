@@ -7,7 +7,6 @@ gets rows i*B/P .. (i+1)*B/P - 1, so the processes' slices concatenate to the si
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import queue
 import threading
@@ -18,111 +17,17 @@ from collections.abc import Callable
 import numpy as np
 from ml_collections import config_dict
 
-from ldm_jax.data.sources import (
-    FashionMNISTSource,
-    ImageFolderSource,
-    PhotoSource,
-    TFDSSource,
-    resize_uint8,
+from ldm_jax.data.captions import CaptionStats, record_problems
+from ldm_jax.data.sources import FashionMNISTSource, ImageFolderSource, PhotoSource, TFDSSource
+from ldm_jax.data.transforms import (  # noqa: F401  (re-exported: the pipeline's public names)
+    AUG_TAG,
+    PERM_TAG,
+    PREPROCESS_MODES,
+    Preprocessor,
+    pick_caption,
+    to_channels,
+    to_float,
 )
-
-PREPROCESS_MODES = ("pad", "resize", "random_crop")
-_PERM_TAG, _AUG_TAG, _CAP_TAG = 0, 1, 2  # separate SeedSequence streams: permutations, augmentation, captions
-
-
-def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
-    """uint8 (H, W, C) -> (H, W, channels): gray is repeated to RGB; RGB -> gray uses PIL's ITU-R 601 luma."""
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.shape[-1] in (2, 4):  # drop alpha
-        image = image[..., :-1]
-    c = image.shape[-1]
-    if c == channels:
-        return image
-    if channels == 3 and c == 1:
-        return np.repeat(image, 3, axis=-1)
-    if channels == 1 and c == 3:
-        rgb = image.astype(np.uint32)  # same integer formula as PIL convert("L"); exact for R == G == B
-        luma = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
-        return luma.astype(np.uint8)[..., None]
-    raise ValueError(f"data.channels: cannot convert a {c}-channel image to {channels} channels")
-
-
-def _pad_or_crop(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Centres `image` on an H x W canvas of zeros (background), cropping the centre of larger sides."""
-    out = image
-    for axis in (0, 1):
-        n, size = out.shape[axis], hw[axis]
-        if n > size:
-            start = (n - size) // 2
-            out = out[start:start + size] if axis == 0 else out[:, start:start + size]
-        elif n < size:
-            before = (size - n) // 2
-            pad = [(0, 0)] * 3
-            pad[axis] = (before, size - n - before)
-            out = np.pad(out, pad)
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocessor:
-    """Maps uint8 (H, W, C) to uint8 (resolution, width, channels); `augment` enables randomness."""
-
-    resolution: int
-    channels: int = 3
-    mode: str = "pad"
-    random_flip: bool = False
-    augment: bool = True
-    width: int | None = None  # None: square images
-
-    def __post_init__(self):
-        if not isinstance(self.resolution, (int, np.integer)) or self.resolution < 1:
-            raise ValueError(f"data.resolution must be a positive int, got {self.resolution!r}")
-        if self.width is not None and (not isinstance(self.width, (int, np.integer)) or self.width < 1):
-            raise ValueError(f"data.width must be a positive int or None, got {self.width!r}")
-        if self.channels not in (1, 3):
-            raise ValueError(f"data.channels must be 1 or 3, got {self.channels!r}")
-        if self.mode not in PREPROCESS_MODES:
-            raise ValueError(f"data.preprocess must be one of {PREPROCESS_MODES}, got {self.mode!r}")
-
-    @property
-    def needs_rng(self) -> bool:
-        """Whether outputs depend on random numbers (then `__call__` needs an rng)."""
-        return self.augment and (self.random_flip or self.mode == "random_crop")
-
-    def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Channel conversion, geometry ('pad' | resize to cover H x W then centre/random crop), flip."""
-        r, rw = self.resolution, self.width or self.resolution
-        # Always draw the same three numbers so one augmentation never shifts another's randomness.
-        u = rng.random(3) if (self.needs_rng and rng is not None) else np.array([0.5, 0.5, 1.0])
-        image = to_channels(np.asarray(image), self.channels)
-        if self.mode == "pad":
-            image = _pad_or_crop(image, (r, rw))
-        else:
-            h, w = image.shape[:2]
-            scale = max(r / h, rw / w)
-            nh, nw = max(r, round(h * scale)), max(rw, round(w * scale))
-            image = resize_uint8(image, nh, nw)
-            if self.mode == "random_crop" and self.augment:
-                y, x = int(u[0] * (nh - r + 1)), int(u[1] * (nw - rw + 1))
-            else:
-                y, x = (nh - r) // 2, (nw - rw) // 2
-            image = image[y:y + r, x:x + rw]
-        if self.random_flip and self.augment and u[2] < 0.5:
-            image = image[:, ::-1]
-        return image
-
-
-def to_float(images: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [-1, 1] (0 -> -1, 255 -> 1)."""
-    return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-
-
-def pick_caption(captions: tuple[str, ...], seed: int, step: int, row: int) -> str:
-    """One of an example's captions: a pure function of (seed, step, global row)."""
-    if len(captions) == 1:
-        return captions[0]
-    return captions[int(np.random.default_rng([seed, _CAP_TAG, step, row]).integers(len(captions)))]
 
 
 class BatchIterator:
@@ -133,7 +38,7 @@ class BatchIterator:
 
     def __init__(self, source, batch_size: int, seed: int, preprocessor: Preprocessor, *,
                  shuffle: bool = True, num_examples: int | None = None, num_epochs: int | None = None,
-                 process_index: int = 0, process_count: int = 1, prefetch: int = 0,
+                 process_index: int = 0, process_count: int = 1, prefetch: int = 0, num_workers: int = 0,
                  text_fn: Callable[[list[str]], np.ndarray] | None = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"train.batch_size must be a positive int, got {batch_size!r}")
@@ -162,22 +67,27 @@ class BatchIterator:
         self.step = 0
         self._perms: dict[int, np.ndarray] = {}
         self._perm_lock = threading.Lock()
-        self.prefetch = int(prefetch)
+        if not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
+            raise ValueError(f"data.num_workers must be a non-negative int, got {num_workers!r}")
+        self.prefetch, self.num_workers = int(prefetch), int(num_workers)
+        self._seen: dict[str, set[int]] = {}
+        self._workers = None  # grain iterator over steps (num_workers > 0)
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
 
     @property
     def num_skipped(self) -> int:
-        """Unreadable files the source has skipped so far (0 for sources that cannot have any)."""
-        return getattr(self.source, "num_skipped", 0)
+        """Distinct unreadable files this iterator's batches have skipped so far (in whichever worker)."""
+        return len(self._seen.get("skipped", ()))
 
     def caption_counts(self) -> dict[str, int]:
         """Caption problems met so far: missing, empty, non-UTF-8 (source) and truncated (tokeniser)."""
-        stats = getattr(self.source, "caption_stats", None)
-        out = {f"caption_{k}": v for k, v in (stats.counts() if stats is not None else {}).items()}
+        out = {}
+        if getattr(self.source, "caption_stats", None) is not None:
+            out = {f"caption_{k}": len(self._seen.get(k, ())) for k in CaptionStats.KINDS}
         if self.text_fn is not None:
-            out["caption_truncated"] = int(getattr(self.text_fn, "num_truncated", 0))
+            out["caption_truncated"] = len(self._seen.get("truncated", ()))
         return out
 
     def permutation(self, epoch: int) -> np.ndarray:
@@ -186,7 +96,7 @@ class BatchIterator:
             perm = self._perms.get(epoch)
             if perm is None:
                 if self.shuffle:
-                    perm = np.random.default_rng([self.seed, _PERM_TAG, epoch]).permutation(self.num_examples)
+                    perm = np.random.default_rng([self.seed, PERM_TAG, epoch]).permutation(self.num_examples)
                 else:
                     perm = np.arange(self.num_examples)
                 if len(self._perms) >= 4:  # batches straddle at most two epochs; keep the cache tiny
@@ -203,23 +113,38 @@ class BatchIterator:
 
     def batch_at(self, step: int) -> dict:
         """This process's slice of the global batch at `step` (pure function of seed and step)."""
+        batch, problems = self._compute(step)
+        self._merge(problems)
+        return batch
+
+    def _compute(self, step: int) -> tuple[dict, list[tuple[str, int]]]:
+        """The batch at `step` and the (kind, index) problems its reads met (run in the worker that assembles it)."""
         if step < 0:
             raise ValueError(f"step must be non-negative, got {step}")
         row0 = self.process_index * self.local_batch_size
         images, labels, captions = [], [], []
-        for k, idx in enumerate(self.indices_at(step)):
-            ex = self.source.get(int(idx))
-            rng = None
-            if self.preprocessor.needs_rng:
-                rng = np.random.default_rng([self.seed, _AUG_TAG, step, row0 + k])
-            images.append(self.preprocessor(ex["image"], rng))
-            labels.append(ex["label"])
-            if self.text_fn is not None:
-                captions.append(pick_caption(ex["captions"], self.seed, step, row0 + k))
+        with record_problems() as problems:
+            for k, idx in enumerate(self.indices_at(step)):
+                ex = self.source.get(int(idx))
+                rng = None
+                if self.preprocessor.needs_rng:
+                    rng = np.random.default_rng([self.seed, AUG_TAG, step, row0 + k])
+                images.append(self.preprocessor(ex["image"], rng))
+                labels.append(ex["label"])
+                if self.text_fn is not None:
+                    captions.append(pick_caption(ex["captions"], self.seed, step, row0 + k))
         batch = {"image": to_float(np.stack(images)), "label": np.asarray(labels, np.int32)}
         if self.text_fn is not None:
+            before = int(getattr(self.text_fn, "num_truncated", 0))
             batch["tokens"] = np.asarray(self.text_fn(captions), np.int32)
-        return batch
+            cut = int(getattr(self.text_fn, "num_truncated", 0)) - before
+            problems += [("truncated", step * self.batch_size + row0 + k) for k in range(cut)]
+        return batch, problems
+
+    def _merge(self, problems: list[tuple[str, int]]) -> None:
+        with self._perm_lock:
+            for kind, index in problems:
+                self._seen.setdefault(kind, set()).add(index)
 
     def captions_at(self, step: int) -> list[str]:
         """The captions this process's rows of batch `step` are tokenised from."""
@@ -235,11 +160,33 @@ class BatchIterator:
     def __next__(self) -> dict:
         if self.num_steps is not None and self.step >= self.num_steps:
             raise StopIteration
-        if self.prefetch > 0:
+        if self.num_workers > 0:
+            batch = self._next_from_workers()
+        elif self.prefetch > 0:
             batch = self._next_prefetched()
         else:
             batch = self.batch_at(self.step)
         self.step += 1
+        return batch
+
+    def _next_from_workers(self) -> dict:
+        # grain: a MapDataset over steps whose map is `_compute` (a pure function of the step), read ahead by
+        # `num_workers` processes (worker w assembles steps start+w, start+w+num_workers, ...; grain hands them back
+        # in order). A restore only changes the start, so resumes stay exact without grain's own iterator state.
+        if self._workers is None:
+            import grain
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain reads absl flags; library use (tests, notebooks) has none
+                flags.FLAGS.mark_as_parsed()
+            stop = self.num_steps if self.num_steps is not None else _ENDLESS
+            steps = grain.MapDataset.range(self.step, max(stop, self.step)).map(_StepBatch(self))
+            options = grain.MultiprocessingOptions(num_workers=self.num_workers,
+                                                   per_worker_buffer_size=max(1, self.prefetch))
+            reads = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+            self._workers = iter(steps.to_iter_dataset(reads).mp_prefetch(options))
+        batch, problems = next(self._workers)
+        self._merge(problems)
         return batch
 
     @staticmethod
@@ -281,7 +228,10 @@ class BatchIterator:
         return batch
 
     def close(self) -> None:
-        """Stops the prefetch thread (iteration restarts it at the current step)."""
+        """Stops the prefetch thread or worker processes (iteration restarts them at the current step)."""
+        if self._workers is not None:
+            it, self._workers = self._workers, None
+            it.close()
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
@@ -296,6 +246,14 @@ class BatchIterator:
     def __del__(self):
         if getattr(self, "_stop", None) is not None:
             self._stop.set()  # no join: __del__ may run on the worker thread itself
+
+    def __getstate__(self) -> dict:  # what a worker process gets: no thread, queue or grain iterator
+        drop = ("_thread", "_queue", "_stop", "_workers", "_perm_lock", "_perms")
+        return {k: (None if k in drop else v) for k, v in self.__dict__.items()} | {"_perms": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._perm_lock = threading.Lock()
 
     def state(self) -> dict:
         """JSON-able position; process-independent, so a run may resume with a different process count."""
@@ -314,6 +272,19 @@ class BatchIterator:
         self.step = int(state["step"])
 
 
+_ENDLESS = 2**62  # the step range of an iterator without num_epochs
+
+
+class _StepBatch:
+    """grain map: step -> (batch, problems), computed by a worker process's copy of the iterator."""
+
+    def __init__(self, iterator: BatchIterator):
+        self.iterator = iterator
+
+    def __call__(self, step: int) -> tuple[dict, list[tuple[str, int]]]:
+        return self.iterator._compute(int(step))
+
+
 def default_data_config() -> config_dict.ConfigDict:
     """Fashion-MNIST defaults: 28x28 padded with background to 32x32, 1 channel, no flip."""
     return config_dict.ConfigDict({
@@ -327,7 +298,8 @@ def default_data_config() -> config_dict.ConfigDict:
         "random_flip": False,
         "num_examples": config_dict.placeholder(int),  # cap: use only the first n examples
         "shuffle": True,
-        "prefetch": 2,  # batches computed ahead by a background thread (0: none)
+        "prefetch": 2,  # batches computed ahead (per worker process, or by one background thread; 0: none)
+        "num_workers": 0,  # worker processes assembling batches (grain); 0: one background thread
         "photo_names": "",  # photos: comma-separated skimage.data names ('' = defaults)
         "num_crops": 1024,  # photos: crops per split
         "image_key": "image",  # tfds feature names
@@ -392,4 +364,5 @@ def make_dataset(data_cfg: config_dict.ConfigDict, split: str, batch_size: int, 
     return BatchIterator(source, batch_size, seed, preprocessor, shuffle=shuffle,
                          num_examples=data_cfg.get("num_examples"), num_epochs=num_epochs,
                          process_index=process_index, process_count=process_count,
-                         prefetch=int(_field(data_cfg, "prefetch", 0)), text_fn=text_fn)
+                         prefetch=int(_field(data_cfg, "prefetch", 0)),
+                         num_workers=int(_field(data_cfg, "num_workers", 0)), text_fn=text_fn)

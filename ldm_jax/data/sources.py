@@ -14,7 +14,7 @@ from functools import cache
 import numpy as np
 from PIL import Image
 
-from ldm_jax.data.captions import METADATA_FILES, CaptionStats, decode_text, read_metadata
+from ldm_jax.data.captions import METADATA_FILES, CaptionStats, decode_text, note_problem, read_metadata
 from ldm_jax.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 from ldm_jax.data.text import class_captions
 
@@ -220,6 +220,13 @@ class ImageFolderSource:
     def __len__(self) -> int:
         return len(self.files)
 
+    def __getstate__(self) -> dict:  # picklable for worker processes (locks are not)
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     @property
     def num_skipped(self) -> int:
         """Number of distinct unreadable files met so far."""
@@ -274,6 +281,7 @@ class ImageFolderSource:
             try:
                 image = decode_image(self.files[j])
             except DECODE_ERRORS as e:
+                note_problem("skipped", j)
                 with self._lock:
                     new = j not in self._bad
                     self._bad.add(j)

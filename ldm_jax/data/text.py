@@ -93,12 +93,19 @@ class TextEncoder:
         self._warned = False
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        texts = list(texts)
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
-        over = [n for n in lengths if n > self.max_length]
-        if over and not self._warned:
+        # One tokeniser pass without truncation, then the cut `tokenize` makes (the content is shortened, the
+        # closing [SEP] / <|endoftext|> kept) and its padding, so the lengths come for free.
+        ids = self.tokenizer(list(texts), truncation=False)["input_ids"]
+        out = np.full((len(ids), self.max_length), self.tokenizer.pad_token_id, np.int32)
+        longest = 0
+        for i, seq in enumerate(ids):
+            if len(seq) > self.max_length:
+                self.num_truncated += 1
+                longest = max(longest, len(seq))
+                seq = seq[: self.max_length - 1] + seq[-1:]
+            out[i, : len(seq)] = seq
+        if longest and not self._warned:
             self._warned = True
             logging.warning("captions: a caption of %d tokens was cut to model.text_max_len=%d (further cuts are "
-                            "only counted: metrics.json caption_truncated)", max(over), self.max_length)
-        self.num_truncated += len(over)
-        return tokenize(self.tokenizer, texts, self.max_length)
+                            "only counted: metrics.json caption_truncated)", longest, self.max_length)
+        return out

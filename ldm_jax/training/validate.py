@@ -15,6 +15,7 @@ _COUNTS = (
     ("train", "max_to_keep", 1), ("train", "keep_every", 0), ("train", "grid_every", 0), ("train", "grad_accum", 1),
     ("train", "max_nonfinite_steps", 0), ("train", "preemption_sync_every", 1), ("train", "warmup_steps", 0),
     ("eval", "batch_size", 1), ("eval", "num_examples", 1), ("data", "resolution", 1), ("data", "prefetch", 0),
+    ("data", "num_workers", 0),
 )
 # Fields of the saved config that a resume must keep, unless train.allow_resume_changes is set: they change
 # what the restored optimizer state and data position mean.
