@@ -234,6 +234,17 @@ def test_tfds_caption_key(tmp_path, tokenizer):
         assert src.get(i)["captions"] == tuple(f"image {value} caption {j}" for j in range(1 + value % 3))
     ds = make_dataset(cfg, "train", 6, 0, text_fn=TextEncoder(tokenizer, 12), source=src)
     np.testing.assert_array_equal(ds.batch_at(0)["tokens"], tokenize(tokenizer, ds.captions_at(0), 12))
+    # Packed from tfds (python -m ldm_jax.data.pack tfds:NAME): the same images (lossless PNG) and captions.
+    from ldm_jax.data.pack import main as pack_main
+    from ldm_jax.data.packed import PackedSource
+
+    assert pack_main(["tfds:tiny_captioned", "--data_dir", str(tmp_path / "tfds"), "--caption_key", "captions/text",
+                      "--out", str(tmp_path / "packed")]) == 0
+    packed = PackedSource(str(tmp_path / "packed"), "train")
+    for i in range(6):
+        a, b = src.get(i), packed.get(i)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        assert a["captions"] == b["captions"]
     bad = _cfg(name="tfds:tiny_captioned", data_dir=str(tmp_path / "tfds"), caption_key="captions/nope")
     with pytest.raises(ValueError, match="data.caption_key"):
         make_source(bad, "train").get(0)

@@ -288,7 +288,7 @@ class _StepBatch:
 def default_data_config() -> config_dict.ConfigDict:
     """Fashion-MNIST defaults: 28x28 padded with background to 32x32, 1 channel, no flip."""
     return config_dict.ConfigDict({
-        "name": "fashion_mnist",  # fashion_mnist | fashion_mnist_pairs | photos | folder | tfds:<name>
+        "name": "fashion_mnist",  # fashion_mnist | fashion_mnist_pairs | photos | folder | packed:<dir> | tfds:<n>
         "path": "",  # folder: root (may contain '{split}')
         "data_dir": config_dict.placeholder(str),  # tfds (None: $TFDS_DATA_DIR or ~/tensorflow_datasets)
         "resolution": 32,  # image height (and width, unless `width` is set)
@@ -337,13 +337,17 @@ def make_source(data_cfg: config_dict.ConfigDict, split: str):
     if name == "folder":
         path = str(_field(data_cfg, "path", ""))
         return ImageFolderSource(path.replace("{split}", split))
+    if name.startswith("packed:") and len(name) > 7:
+        from ldm_jax.data.packed import PackedSource
+
+        return PackedSource(name[7:].replace("{split}", split), split)
     if name.startswith("tfds:") and len(name) > 5:
         return TFDSSource(name[5:], split, data_dir=data_cfg.get("data_dir"),
                           image_key=_field(data_cfg, "image_key", "image"),
                           label_key=_field(data_cfg, "label_key", "label"),
                           caption_key=_field(data_cfg, "caption_key", ""))
-    raise ValueError(f"data.name must be fashion_mnist, fashion_mnist_pairs, photos, folder or tfds:<name>, "
-                     f"got {name!r}")
+    raise ValueError(f"data.name must be fashion_mnist, fashion_mnist_pairs, photos, folder, packed:<dir> or "
+                     f"tfds:<name>, got {name!r}")
 
 
 def make_dataset(data_cfg: config_dict.ConfigDict, split: str, batch_size: int, seed: int,
