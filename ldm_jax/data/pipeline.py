@@ -57,6 +57,13 @@ class BatchIterator:
             raise ValueError("data: this text-conditioned run needs captions, and the data set has none (image "
                              "folders: NAME.txt beside NAME.png, or metadata.jsonl/.csv with file_name and text; "
                              "tfds: data.caption_key)")
+        self.latents = hasattr(source, "views")  # a LatentSource: batches carry `moments`, not `image`
+        if self.latents and preprocessor.mode == "random_crop" and preprocessor.augment:
+            raise ValueError("data.latents: a latent cache cannot serve data.preprocess='random_crop' (each step "
+                             "would need a new crop); use 'resize' or 'pad', or train from images")
+        if self.latents and preprocessor.random_flip and preprocessor.augment and source.views < 2:
+            raise ValueError("data.latents: data.random_flip is on but the cache holds no flipped view (re-run "
+                             "python -m ldm_jax.cache_latents with data.random_flip=True)")
         self.source, self.preprocessor, self.text_fn = source, preprocessor, text_fn
         self.batch_size, self.seed, self.shuffle, self.num_examples = batch_size, int(seed), shuffle, n
         self.process_index, self.process_count = process_index, process_count
@@ -129,11 +136,17 @@ class BatchIterator:
                 rng = None
                 if self.preprocessor.needs_rng:
                     rng = np.random.default_rng([self.seed, AUG_TAG, step, row0 + k])
-                images.append(self.preprocessor(ex["image"], rng))
+                if "moments" in ex:  # a latent cache: the stored view the image pipeline's flip would give
+                    images.append(ex["moments"][int(self.preprocessor.flips(rng))])
+                else:
+                    images.append(self.preprocessor(ex["image"], rng))
                 labels.append(ex["label"])
                 if self.text_fn is not None:
                     captions.append(pick_caption(ex["captions"], self.seed, step, row0 + k))
-        batch = {"image": to_float(np.stack(images)), "label": np.asarray(labels, np.int32)}
+        if self.latents:
+            batch = {"moments": np.stack(images), "label": np.asarray(labels, np.int32)}
+        else:
+            batch = {"image": to_float(np.stack(images)), "label": np.asarray(labels, np.int32)}
         if self.text_fn is not None:
             before = int(getattr(self.text_fn, "num_truncated", 0))
             batch["tokens"] = np.asarray(self.text_fn(captions), np.int32)
@@ -305,6 +318,7 @@ def default_data_config() -> config_dict.ConfigDict:
         "image_key": "image",  # tfds feature names
         "label_key": "label",
         "caption_key": "",  # tfds: text feature path, e.g. 'captions/text' (coco_captions)
+        "latents": "",  # stage 2: a latent cache of this data (python -m ldm_jax.cache_latents) instead of images
     })
 
 
@@ -321,6 +335,10 @@ def _field(cfg: config_dict.ConfigDict, key: str, default):
 def make_source(data_cfg: config_dict.ConfigDict, split: str):
     """Builds the example source named by `data_cfg.name` for `split`."""
     name = str(data_cfg.get("name", ""))
+    if data_cfg.get("latents"):
+        from ldm_jax.data.latents import LatentSource
+
+        return LatentSource(str(data_cfg.latents), split)
     if name == "fashion_mnist":
         return FashionMNISTSource(split)
     if name == "fashion_mnist_pairs":

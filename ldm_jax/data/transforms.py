@@ -73,11 +73,18 @@ class Preprocessor:
         """Whether outputs depend on random numbers (then `__call__` needs an rng)."""
         return self.augment and (self.random_flip or self.mode == "random_crop")
 
+    def _draws(self, rng: np.random.Generator | None) -> np.ndarray:
+        # Always the same three numbers (crop y, crop x, flip), so one augmentation never shifts another's randomness.
+        return rng.random(3) if (self.needs_rng and rng is not None) else np.array([0.5, 0.5, 1.0])
+
+    def flips(self, rng: np.random.Generator | None) -> bool:
+        """Whether `__call__` with this rng flips the image (a latent cache picks its stored flipped view)."""
+        return bool(self.random_flip and self.augment and self._draws(rng)[2] < 0.5)
+
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """Channel conversion, geometry ('pad' | resize to cover H x W then centre/random crop), flip."""
         r, rw = self.resolution, self.width or self.resolution
-        # Always draw the same three numbers so one augmentation never shifts another's randomness.
-        u = rng.random(3) if (self.needs_rng and rng is not None) else np.array([0.5, 0.5, 1.0])
+        u = self._draws(rng)
         image = to_channels(np.asarray(image), self.channels)
         if self.mode == "pad":
             image = _pad_or_crop(image, (r, rw))

@@ -254,7 +254,15 @@ class AutoencoderKL(_Autoencoder):
 
     def encode_latent(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """What stage 2 diffuses: a posterior sample (with `key`) or its mode."""
-        post = self.encode(x)
+        return self.latent_from_moments(self.encode_moments(x), key)
+
+    def encode_moments(self, x: jax.Array) -> jax.Array:
+        """The posterior's mean and (unclamped) log-variance, concatenated on channels (a latent cache stores it)."""
+        return self._quant(self.encoder(x, False)).astype(jnp.float32)
+
+    @staticmethod
+    def latent_from_moments(moments: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        post = DiagonalGaussian.from_moments(moments)
         return post.mode() if key is None else post.sample(key)
 
     def decode_latent(self, z: jax.Array) -> jax.Array:
@@ -295,6 +303,15 @@ class VQModel(_Autoencoder):
     def encode_latent(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         del key  # deterministic
         return self.encode(x)
+
+    def encode_moments(self, x: jax.Array) -> jax.Array:
+        """What a latent cache stores: the pre-quantisation latents themselves."""
+        return self.encode(x)
+
+    @staticmethod
+    def latent_from_moments(moments: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        del key
+        return moments
 
     def decode_latent(self, h: jax.Array) -> jax.Array:
         zq, _, _ = self.quantize(h)

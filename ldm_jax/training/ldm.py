@@ -33,6 +33,7 @@ class FirstStage:
     variables: dict
     config: ml_collections.ConfigDict
     workdir: str
+    step: int = -1  # the checkpoint step restored (a latent cache records it)
 
     @property
     def latent_channels(self) -> int:
@@ -48,6 +49,14 @@ class FirstStage:
     def decode(self, variables: dict, z: jax.Array) -> jax.Array:
         return self.model.apply(variables, z, method="decode_latent")
 
+    def moments(self, variables: dict, x: jax.Array) -> jax.Array:
+        """What a latent cache stores per image (KL: mean and log-variance; VQ: pre-quantisation latents)."""
+        return self.model.apply(variables, x, method="encode_moments")
+
+    def from_moments(self, moments: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """`encode`'s result from stored moments (the same posterior sample for the same key)."""
+        return self.model.latent_from_moments(moments, key)
+
 
 def load_first_stage(workdir: str) -> FirstStage:
     """Reads a stage-1 workdir (config.json + latest Orbax checkpoint); one-line errors name what is missing."""
@@ -58,12 +67,13 @@ def load_first_stage(workdir: str) -> FirstStage:
     if config.get("stage") != "autoencoder":
         raise ValueError(f"first_stage.workdir: {workdir} holds a {config.get('stage')!r} run, not an autoencoder")
     ckpt = Checkpointer(workdir, async_save=False)
-    if ckpt.latest_step() is None:
+    step = ckpt.latest_step()
+    if step is None:
         raise FileNotFoundError(f"first_stage.workdir: no checkpoint under {ckpt.directory}")
-    state, _ = ckpt.restore_raw()
+    state, _ = ckpt.restore_raw(step)
     ckpt.close()
     variables = {"params": state["params"]["model"], **state.get("model_state", {})}
-    return FirstStage(build_autoencoder(config.model), variables, config, workdir)
+    return FirstStage(build_autoencoder(config.model), variables, config, workdir, int(step))
 
 
 def resolve_first_stage(workdir: str, config: ml_collections.ConfigDict, override: str | None = None) -> str:
@@ -264,12 +274,16 @@ def make_train_step(cfg, model: LatentDiffusionModel, first_stage: FirstStage, t
     def step(state: LDMState, batch: dict, fs_vars: dict, null_tokens: jax.Array | None):
         key = jax.random.fold_in(base_key, state.step)
         k_post, k_mask, k_drop, k_loss, k_dropout = jax.random.split(key, 5)
-        images = batch["image"]
         sample_key = k_post if cfg.first_stage.sample_posterior else None
-        z = jax.lax.stop_gradient(first_stage.encode(fs_vars, images, sample_key)) * state.scale_factor
+        if "moments" in batch:  # from a latent cache (no spatial conditions: checked when the run starts)
+            z = first_stage.from_moments(batch["moments"], sample_key) * state.scale_factor
+        else:
+            images = batch["image"]
+            z = jax.lax.stop_gradient(first_stage.encode(fs_vars, images, sample_key)) * state.scale_factor
         cond = {k: v for k, v in batch.items() if k in ("label", "tokens")}
-        cond.update(spatial_condition(cfg, first_stage, fs_vars, images, state.scale_factor, k_mask,
-                                      segmentation=batch.get("segmentation")))
+        if "image" in batch:
+            cond.update(spatial_condition(cfg, first_stage, fs_vars, batch["image"], state.scale_factor, k_mask,
+                                          segmentation=batch.get("segmentation")))
         cond.pop("mask", None)
         cond = drop_condition(cfg, cond, null_tokens, k_drop, cfg.condition.p_uncond)
 
@@ -297,7 +311,31 @@ def make_train_step(cfg, model: LatentDiffusionModel, first_stage: FirstStage, t
     return step
 
 
-def first_batch_scale(first_stage: FirstStage, images: np.ndarray, key: jax.Array | None) -> float:
-    """scale_by_std: 1/std of the first batch's latents (computed once, then stored in the checkpoint)."""
-    z = jax.jit(first_stage.encode)(first_stage.variables, jnp.asarray(images), key)
+def check_latent_cache(info: dict, cfg: ml_collections.ConfigDict, first_stage: FirstStage) -> None:
+    """A latent cache (data.latents) must come from this run's stage-1 checkpoint and data settings, and the
+    condition must not need the images."""
+    from ldm_jax.data.latents import DATA_FIELDS
+
+    if cfg.condition.type not in ("none", "class", "text"):
+        raise ValueError(f"data.latents: condition.type={cfg.condition.type!r} needs the images in the step; train "
+                         "it from images (data.latents='')")
+    if (os.path.realpath(info["first_stage"]), info["first_stage_step"]) != (
+            os.path.realpath(first_stage.workdir), first_stage.step):
+        raise ValueError(f"data.latents: the cache was encoded by {info['first_stage']} at step "
+                         f"{info['first_stage_step']}, this run's first stage is {first_stage.workdir} at step "
+                         f"{first_stage.step}: re-run python -m ldm_jax.cache_latents")
+    for key in DATA_FIELDS:
+        if info["data"].get(key) != cfg.data.get(key):
+            raise ValueError(f"data.{key}={cfg.data.get(key)!r} but the latent cache was made with "
+                             f"{info['data'].get(key)!r}")
+
+
+def first_batch_scale(first_stage: FirstStage, images: np.ndarray, key: jax.Array | None,
+                      moments: bool = False) -> float:
+    """scale_by_std: 1/std of the first batch's latents (computed once, then stored in the checkpoint); from a
+    latent cache's `moments` when `moments`."""
+    if moments:
+        z = jax.jit(first_stage.from_moments)(jnp.asarray(images), key)
+    else:
+        z = jax.jit(first_stage.encode)(first_stage.variables, jnp.asarray(images), key)
     return float(1.0 / jnp.std(z))

@@ -102,7 +102,7 @@ def grid_prompts(config: ml_collections.ConfigDict, source) -> list[str]:
 
 def host_batch(config, b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """This process's slice of a data batch with the condition inputs the network takes."""
-    out = {"image": b["image"]}
+    out = {"moments": b["moments"]} if "moments" in b else {"image": b["image"]}  # moments: a latent cache
     if config.condition.type == "class":
         out["label"] = b["label"]
     elif config.condition.type == "text":
@@ -132,6 +132,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             raise ValueError(f"data.channels={config.data.channels} but the stage-1 model at {fs.workdir} takes "
                              f"{fs.config.model.in_channels}-channel images")
         source = make_source(config.data, "train")
+        if config.data.latents:
+            L.check_latent_cache(source.info, config, fs)
         num_labels = len(getattr(source, "classes", ())) or (10 if config.data.name == "fashion_mnist" else 0)
         if config.condition.type == "class" and num_labels and config.model.n_classes < num_labels + 1:
             raise ValueError(f"model.n_classes={config.model.n_classes} but the data has {num_labels} classes: set "
@@ -152,10 +154,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         null_arg = None if null_tokens is None else common.replicate_to(jnp.asarray(null_tokens), mesh)
 
         def init_fn(key, scale):
-            cond = {k: jnp.asarray(v[:1]) for k, v in first.items() if k not in ("image", "segmentation")}
+            cond = {k: jnp.asarray(v[:1]) for k, v in first.items() if k not in ("image", "segmentation", "moments")}
             seg = jnp.asarray(first["segmentation"][:1]) if "segmentation" in first else None
-            cond.update(L.spatial_condition(config, fs, fs.variables, jnp.asarray(first["image"][:1]), scale, key,
-                                            segmentation=seg))
+            if "image" in first:
+                cond.update(L.spatial_condition(config, fs, fs.variables, jnp.asarray(first["image"][:1]), scale,
+                                                key, segmentation=seg))
             cond.pop("mask", None)
             return L.init_state(config, model, tx, key, latent_shape, cond, scale)
 
@@ -165,7 +168,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                          state_sh)
             scale = float(config.first_stage.scale_factor)
             if config.first_stage.scale_by_std:
-                scale = L.first_batch_scale(fs, global_batch_images(first["image"]), scale_key(config))
+                cached = "moments" in first
+                scale = L.first_batch_scale(fs, global_batch_images(first["moments" if cached else "image"]),
+                                            scale_key(config), moments=cached)
                 logging.info("scale_by_std: scale_factor = %.5f", scale)
             return jax.jit(init_fn, out_shardings=state_sh)(jax.random.key(config.seed), scale)
 
@@ -253,8 +258,8 @@ def sample_grid(config, model, sched, fs: L.FirstStage, state: L.LDMState, null_
             rows = np.concatenate([shown[..., : images.shape[-1]], images])
         save_png(make_grid(to_uint8(rows), n_per_row), os.path.join(workdir, "samples.png"))
     out: dict[str, Any] = {"grid_sample_s": elapsed, "grid_samples": n}
-    if ctype == "class" and config.data.name == "fashion_mnist":
-        out.update(conditional_accuracy(images, labels))
+    if ctype == "class" and config.data.name == "fashion_mnist" and (h, w, config.data.channels) == (32, 32, 1):
+        out.update(conditional_accuracy(images, labels))  # the classifier's input size
     if ctype == "text" and config.data.name == "fashion_mnist_pairs":
         out.update(pair_evaluation(config, text_fn, lambda c, ids: draw(c, ids), batch=n))
     return out
