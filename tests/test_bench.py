@@ -1,4 +1,4 @@
-"""`python -m ldm_jax.bench --quick` smoke test: runs every case and checks the JSON's structure (not timed)."""
+"""`python -m benchmarks --quick` smoke test: runs every case and checks the JSON's structure (not timed)."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ldm_jax.bench import runner, spec
+from benchmarks import runner, spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "quick.json"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the 8 forced test devices stay out
-    proc = subprocess.run([sys.executable, "-m", "ldm_jax.bench", "--quick", "--json", str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     with open(out) as f:
@@ -79,9 +79,9 @@ def test_summarise_ratios_and_table():
 
 
 def test_components_rates_count_the_convolutions():
-    """`python -m ldm_jax.bench.components --quick`: XLA's FLOP count of a ResBlock matches its two 3x3 convs
+    """`python -m benchmarks.components --quick`: XLA's FLOP count of a ResBlock matches its two 3x3 convs
     counted by hand, and the backward adds about twice the forward's work (not a timing test)."""
-    from ldm_jax.bench import components
+    from benchmarks import components
 
     rows = components.run(quick=True, reps=1)
     assert [r["name"] for r in rows][:2] == ["SpatialTransformer 4x4x128", "ResBlock 8x8 64->64"]
@@ -106,7 +106,7 @@ def test_train_donation_avoids_parameter_copies_on_cpu():
     import jax.numpy as jnp
     import optax
 
-    from ldm_jax.bench import protocol
+    from benchmarks import protocol
 
     assert protocol.train_donation("cpu") == ()
     assert protocol.train_donation("gpu") == (0, 1) == protocol.train_donation("tpu")

@@ -24,7 +24,18 @@ from ldm_jax.models.conditioning import ClassEmbedder, SpatialRescaler, Transfor
 from ldm_jax.models.unet import UNetModel, validate_unet_config
 
 CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid", "adm")
-COND_STAGES = ("none", "class", "text", "clip")
+COND_STAGES = ("none", "class", "text", "clip", "context")
+
+
+def default_attention_impl(dtype) -> str | None:
+    """model.unet.attention_impl '' (auto): the formulation measured fastest on this backend (docs/benchmarks.md):
+    "matmul" (hand-written VJPs) on CPU, cuDNN's fused attention on GPU in bf16/fp16, else XLA's."""
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "matmul"
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "cudnn"
+    return None
 
 
 class LatentDiffusionModel(nn.Module):
@@ -67,6 +78,8 @@ class LatentDiffusionModel(nn.Module):
             return self.cond_encoder(cond["label"])
         if self.cond_stage in ("text", "clip"):
             return self.cond_encoder(cond["tokens"])
+        if self.cond_stage == "context":  # given in the batch, e.g. precomputed text-encoder outputs
+            return cond["context"]
         return None
 
     def __call__(self, x_t: jax.Array, t: jax.Array, cond: dict[str, jax.Array], train: bool = False) -> jax.Array:
@@ -91,7 +104,7 @@ def build_latent_diffusion(cfg: ml_collections.ConfigDict, latent_channels: int)
     if cond_stage not in COND_STAGES:
         raise ValueError(f"model.cond_stage must be one of {COND_STAGES}, got {cond_stage!r}")
     if key in ("crossattn", "hybrid") and cond_stage == "none":
-        raise ValueError(f"model.conditioning_key={key!r} needs model.cond_stage 'class' or 'text'")
+        raise ValueError(f"model.conditioning_key={key!r} needs a model.cond_stage (class, text, clip or context)")
     if key == "adm" and not cfg.get("n_classes"):
         raise ValueError("model.conditioning_key='adm' needs model.n_classes")
     concat_ch = cfg.get("concat_channels", 0) if key in ("concat", "hybrid") else 0
@@ -116,7 +129,8 @@ def build_latent_diffusion(cfg: ml_collections.ConfigDict, latent_channels: int)
         use_spatial_transformer=crossattn, transformer_depth=u.get("transformer_depth", 1),
         context_dim=cfg.context_dim if crossattn else None,
         num_classes=cfg.n_classes if key == "adm" else None,
-        remat_policy=u.get("remat_policy") or None, attention_impl=u.get("attention_impl") or None,
+        remat_policy=u.get("remat_policy") or None,
+        attention_impl=u.get("attention_impl") or default_attention_impl(cfg.get("dtype", "float32")),
     )
     try:  # the UNet checks these again in setup(), i.e. inside a trace: fail here, eagerly, naming the section
         fields = inspect.signature(validate_unet_config).parameters

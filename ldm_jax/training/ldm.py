@@ -166,12 +166,14 @@ def null_condition(cfg: ml_collections.ConfigDict, cond: dict[str, jax.Array], n
         out["label"] = jnp.full_like(cond["label"], cfg.model.n_classes - 1)
     if "tokens" in cond:
         out["tokens"] = jnp.broadcast_to(null_tokens, cond["tokens"].shape).astype(cond["tokens"].dtype)
+    if "context" in cond:  # a given context: the null condition is all zeros
+        out["context"] = jnp.zeros_like(cond["context"])
     return out
 
 
 def drop_condition(cfg, cond, null_tokens, key: jax.Array, p_uncond: float) -> dict[str, jax.Array]:
     """Classifier-free-guidance training: each example's condition → null with probability p_uncond."""
-    if p_uncond <= 0 or not ({"label", "tokens"} & set(cond)):
+    if p_uncond <= 0 or not ({"label", "tokens", "context"} & set(cond)):
         return cond
     b = next(iter(cond.values())).shape[0]
     drop = jax.random.bernoulli(key, p_uncond, (b,))
@@ -280,7 +282,7 @@ def make_train_step(cfg, model: LatentDiffusionModel, first_stage: FirstStage, t
         else:
             images = batch["image"]
             z = jax.lax.stop_gradient(first_stage.encode(fs_vars, images, sample_key)) * state.scale_factor
-        cond = {k: v for k, v in batch.items() if k in ("label", "tokens")}
+        cond = {k: v for k, v in batch.items() if k in ("label", "tokens", "context")}
         if "image" in batch:
             cond.update(spatial_condition(cfg, first_stage, fs_vars, batch["image"], state.scale_factor, k_mask,
                                           segmentation=batch.get("segmentation")))

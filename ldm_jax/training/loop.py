@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,6 +33,12 @@ class LoopResult:
     preempted: bool
     last_metrics: dict[str, float]  # means over the last logged window
     skipped_total: int
+    loop_s: float = 0.0  # wall time of the steps run, to the final step's completion (final checkpoint excluded)
+    loop_steps: int = 0
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.loop_steps / self.loop_s if self.loop_s > 0 else float("nan")
 
 
 class Run:
@@ -124,6 +131,8 @@ class Run:
             checked = len(pending)
 
         next_batch = mesh_lib.global_batch(next(batches), mesh) if start < tc.num_steps else None
+        t0 = time.perf_counter()
+        loop_s = 0.0
         for step in range(start, tc.num_steps):
             batch = next_batch
             state, metrics = step_for(step, state)(state, batch, *args)  # dispatched; runs while we go on
@@ -139,6 +148,7 @@ class Run:
                 last_metrics["skipped_total"] = float(nonfinite.total)
                 self.writer.write_scalars(done, {f"train/{k}": v for k, v in last_metrics.items()})
                 pending, checked = [], 0
+                loop_s = time.perf_counter() - t0  # the metrics read above waited for this step
             for hook in hooks:
                 hook(done, state)
             stop = self.guard.should_stop(done)
@@ -152,7 +162,10 @@ class Run:
                 logging.info("preempted: checkpoint saved at step %d", done)
                 return LoopResult(state, True, last_metrics, nonfinite.total)
         ckpt.wait()
-        return LoopResult(state, False, last_metrics, nonfinite.total)
+        steps = tc.num_steps - start
+        if steps:
+            logging.info("train loop: %d steps in %.2f s (%.3g steps/s)", steps, loop_s, steps / max(loop_s, 1e-9))
+        return LoopResult(state, False, last_metrics, nonfinite.total, loop_s, steps)
 
     def finish(self, state: Any, results: dict[str, Any]) -> dict[str, Any]:
         """Writes the run's results to metrics.json and TensorBoard (eval/...)."""

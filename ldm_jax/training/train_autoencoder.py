@@ -90,7 +90,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if out.preempted:
             return {}
         results = evaluate(config, model, out.state, lpips_rep, mesh)
-        results.update(final_loss=out.last_metrics.get("loss", float("nan")), skipped_updates=float(out.skipped_total),
+        results.update(final_loss=out.last_metrics.get("loss", float("nan")), train_steps_per_s=out.steps_per_s,
+                       skipped_updates=float(out.skipped_total),
                        skipped_files=float(train_ds.num_skipped))
         grid_fn(out.state, "reconstructions.png")
         return run.finish(out.state, results)

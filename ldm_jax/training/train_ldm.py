@@ -184,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         lambda step, live_state: train_step, args, data_state=lambda done: ds.state() | {"step": done})
         if out.preempted:
             return {}
-        results = {"final_loss": out.last_metrics.get("loss", float("nan"))}
+        results = {"final_loss": out.last_metrics.get("loss", float("nan")), "train_steps_per_s": out.steps_per_s}
         results.update(sample_grid(config, model, sched, fs, out.state, null_tokens, text_fn, workdir))
         results.update(skipped_updates=float(out.skipped_total), skipped_files=float(ds.num_skipped),
                        **{k: float(v) for k, v in ds.caption_counts().items()})

@@ -1,4 +1,4 @@
-"""Benchmark worker for ldm_jax (run as `python -m ldm_jax.bench.ours`; the orchestrator sets XLA_FLAGS)."""
+"""Benchmark worker for ldm_jax (run as `python -m benchmarks.ours`; the orchestrator sets XLA_FLAGS)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ldm_jax.bench import protocol, spec
+from benchmarks import protocol, spec
 
 
 def random_params(abstract: Any, seed: int = 0) -> Any:
@@ -67,12 +67,13 @@ class OursSide:
     def _unet(self, case: dict[str, Any]):
         import jax.numpy as jnp
 
+        from ldm_jax.models.latent_diffusion import default_attention_impl
         from ldm_jax.models.unet import UNetModel
 
         kw = spec.ours_unet_kwargs(case)
-        kw["attention_impl"] = case.get("attention_impl")
         if case.get("gpu"):
             kw["dtype"] = jnp.bfloat16
+        kw["attention_impl"] = case.get("attention_impl") or default_attention_impl(kw.get("dtype", jnp.float32))
         return UNetModel(**kw)
 
     def _sched(self, case: dict[str, Any]):
@@ -135,15 +136,65 @@ class OursSide:
         compiled = lowered.compile()
         return compiled, {"compile_s": time.perf_counter() - t0, **compiled_report(compiled, lowered)}
 
+    def _train_step(self, case: dict[str, Any], unet_params: Any, x0: Any, ctx: Any) -> tuple[Any, dict]:
+        """The stage-2 step train.py compiles for a latent-cache run: posterior sample from stored moments,
+        condition dropout, eps loss, the non-finite guard around AdamW, EMA, the state donated, the config's
+        attention default for this backend (model.unet.attention_impl '' unless --attention-impl pins one).
+        The context is given in the batch (model.cond_stage 'context') as the peers give theirs."""
+        jax, jnp = self.jax, self.jax.numpy
+        from ldm_jax.config_defaults import autoencoder_config, ldm_config
+        from ldm_jax.models.autoencoder import AutoencoderKL
+        from ldm_jax.training import common
+        from ldm_jax.training import ldm as L
+        from ldm_jax.training import mesh as mesh_lib
+
+        u, c, s = case["unet"], case["in_channels"], case["schedule"]
+        cfg = ldm_config()
+        cfg.model.update(conditioning_key="crossattn", cond_stage="context", context_dim=u["context_dim"],
+                         dtype="bfloat16" if case.get("gpu") else "float32")
+        cfg.model.unet.update(in_channels=c, out_channels=c, model_channels=u["model_channels"],
+                              channel_mult=tuple(u["channel_mult"]), num_res_blocks=u["num_res_blocks"],
+                              attention_resolutions=tuple(u["attention_resolutions"]), num_heads=-1,
+                              num_head_channels=u["num_head_channels"],
+                              attention_impl=case.get("attention_impl") or "")
+        cfg.diffusion.update(schedule="linear", num_timesteps=s["num_timesteps"], linear_start=s["beta_start"],
+                             linear_end=s["beta_end"])
+        cfg.train.update(base_lr=case["train"]["lr"], weight_decay=case["train"]["weight_decay"], scale_lr=False,
+                         warmup_steps=0, batch_size=case["batch"])
+        ae = autoencoder_config("kl")
+        ae.model.embed_dim = c
+        fs = L.FirstStage(AutoencoderKL(embed_dim=c), {}, ae, "")  # only from_moments runs: no encoder
+        model, tx, sched = L.build_model(cfg, fs), L.make_optimizer(cfg), L.make_schedule(cfg)
+        params = {"unet": unet_params}
+        state = L.LDMState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
+                           opt_state=tx.init(params), scale_factor=jnp.float32(1.0),
+                           skipped=jnp.zeros((), jnp.int32))
+        # Stored moments: the latents as the posterior mean, a typical log-variance.
+        batch = {"moments": jnp.concatenate([x0, jnp.full_like(x0, -6.0)], -1), "context": ctx}
+        mesh = mesh_lib.make_mesh(cfg.mesh)
+        state_sh = mesh_lib.state_shardings(jax.eval_shape(lambda: state), mesh, cfg.mesh.min_shard_size)
+        rep = mesh_lib.replicated(mesh)
+        state = jax.device_put(state, state_sh)
+        t0 = time.perf_counter()
+        compiled, report = common.compile_step(
+            L.make_train_step(cfg, model, fs, tx, sched), (state, batch, {}, None),
+            (state_sh, mesh_lib.batch_sharding(mesh), {}, None), (state_sh, rep), name="bench_ldm_step")
+        rep_out = {"compile_s": time.perf_counter() - t0, **compiled_report(compiled),
+                   "attention_impl": model.unet_kwargs["attention_impl"]}
+        st = {"state": state}
+
+        def run():
+            st["state"], metrics = compiled(st["state"], batch, {}, None)
+            metrics["loss"].block_until_ready()
+
+        return run, rep_out
+
     # -- cases --------------------------------------------------------------------------------------------------
     def setup(self, case: dict[str, Any]) -> dict[str, Any]:
         jax, jnp = self.jax, self.jax.numpy
         kind, name = case["kind"], case["name"]
         key = jax.random.key(0)
         if kind in ("unet_train", "ddim"):
-            import optax
-
-            from ldm_jax.diffusion.gaussian import diffusion_loss
             from ldm_jax.diffusion.generate import make_sample_fn
 
             model, sched = self._unet(case), self._sched(case)
@@ -152,27 +203,8 @@ class OursSide:
             ctx = jax.random.normal(jax.random.key(1), spec.context_shape(case), jnp.float32)
             params, extra = self._params(model, (x0[:1], jnp.zeros((1,), jnp.int32), ctx[:1]), case, "unet")
             if kind == "unet_train":
-                tx = optax.adamw(case["train"]["lr"], weight_decay=case["train"]["weight_decay"])
-
-                def step(params, opt_state, x0, ctx, key):
-                    def loss_fn(p):
-                        fn = lambda x, t: model.apply({"params": p}, x, t, ctx)  # noqa: E731
-                        return diffusion_loss(sched, fn, x0, key)[0]
-
-                    loss, grads = jax.value_and_grad(loss_fn)(params)
-                    updates, opt_state = tx.update(grads, opt_state, params)
-                    return optax.apply_updates(params, updates), opt_state, loss
-
-                opt_state = tx.init(params)
-                compiled, rep = self._compile(step, (params, opt_state, x0, ctx, key),
-                                              donate=protocol.train_donation(jax.default_backend()))
-                st = {"params": params, "opt": opt_state, "i": 0}
-
-                def run():
-                    st["i"] += 1
-                    st["params"], st["opt"], loss = compiled(st["params"], st["opt"], x0, ctx,
-                                                             jax.random.fold_in(key, st["i"]))
-                    loss.block_until_ready()
+                run, rep = self._train_step(case, params, x0, ctx)
+                extra["step"] = "train.py's stage-2 step (training/ldm.make_train_step, compiled as Run.compile)"
             else:
                 sample = make_sample_fn(lambda p, x, t, c: model.apply({"params": p}, x, t, c), sched, "ddim",
                                         steps=case["steps"], guidance=case["guidance"],

@@ -85,6 +85,9 @@ def serve(side_factory) -> None:
                 reply({"ok": True, "gflops": side.matmul(req["n"], req["reps"])})
             elif op == "peak":
                 reply({"ok": True, "peak_rss_gib": peak_rss_gib()})
+            elif op == "reset_peak":
+                reset_peak_rss()
+                reply({"ok": True})
             elif op == "call":  # side-specific extras (weight export / check)
                 reply({"ok": True, **getattr(side, req["method"])(**req.get("kwargs", {}))})
             else:

@@ -1,4 +1,4 @@
-"""Orchestrator of `python -m ldm_jax.bench`: starts one worker per side, interleaves their repetitions, reports.
+"""Orchestrator of `python -m benchmarks`: starts one worker per side, interleaves their repetitions, reports.
 
 Method: per case every side is set up (compiled) first, then warmed up once, then timed `reps` times with the
 sides interleaved (A B C, B C A, ...); the median is reported with the ratio ours/peer (< 1: ours is faster).
@@ -14,37 +14,39 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
+from benchmarks import spec
+from benchmarks.protocol import Worker
 from ldm_jax import xla_flags
-from ldm_jax.bench import spec
-from ldm_jax.bench.protocol import Worker
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # XLA CPU: YNNPACK's convolution fusion computes weight gradients ~4x slower than XLA's Eigen convolution
 # on AVX2 (measured, docs/benchmarks.md), so ours and the Flax peer both run with it switched off.
 CPU_XLA_FLAGS = " ".join(xla_flags.CPU_XLA_FLAGS)
-DEFAULT_FLAX_PYTHON = "/work/venv_peer/bin/python"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ldm_jax.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--json", help="write the results here (JSON)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 1 warm-up + 2 reps (CI smoke test)")
     p.add_argument("--gpu", action="store_true", help="GPU mode: bf16 compute, attention_impl='cudnn'")
     p.add_argument("--reps", type=int, help="timed repetitions per case (default 5; --quick: 2)")
     p.add_argument("--cases", help="comma-separated subset of case names")
     p.add_argument("--sides", default="ours,torch,flax", help="comma-separated subset of ours,torch,flax")
-    p.add_argument("--flax-python", default=os.environ.get("LDM_BENCH_FLAX_PYTHON", DEFAULT_FLAX_PYTHON),
-                   help="interpreter of the venv with diffusers 0.39 + jax (Flax peer)")
+    p.add_argument("--flax-python", default=os.environ.get("LDM_BENCH_FLAX_PYTHON", ""),
+                   help="interpreter of a venv with diffusers 0.39 + jax, the last diffusers with Flax models (Flax "
+                        "peer; default $LDM_BENCH_FLAX_PYTHON; none: the Flax side is absent)")
     p.add_argument("--no-shared-x", action="store_true",
                    help="ours' guided sampling evaluates [x; x] like the peers instead of sharing the UNet's "
                         "condition-free layers between the two halves (diffusion/samplers.classifier_free_guidance)")
-    p.add_argument("--attention-impl", default=None,
-                   help="ours' attention_impl (default: 'matmul' on CPU, 'cudnn' with --gpu; 'none' = None)")
+    p.add_argument("--attention-impl", default=None, choices=("xla", "cudnn", "matmul"),
+                   help="pin ours' attention_impl (default: the model's default for the backend, as train.py: "
+                        "'matmul' on CPU, 'cudnn' on GPU in bf16)")
     p.add_argument("--xla-flags", default=None, help=f"XLA_FLAGS of the JAX workers (CPU default: {CPU_XLA_FLAGS})")
     p.add_argument("--torch-omp-default", action="store_true",
                    help="leave torch's OpenMP spin-waiting on (default: OMP_WAIT_POLICY=PASSIVE, see docs)")
@@ -91,9 +93,9 @@ def start_workers(args: argparse.Namespace, log_dir: str) -> dict[str, Worker | 
     if not args.torch_omp_default:
         torch_env["OMP_WAIT_POLICY"] = "PASSIVE"
     plan = {
-        "ours": ([sys.executable, "-m", "ldm_jax.bench.ours"], jax_env),
-        "torch": ([sys.executable, "-m", "ldm_jax.bench.torch_peer"], torch_env),
-        "flax": ([args.flax_python, "-m", "ldm_jax.bench.flax_peer"], jax_env),
+        "ours": ([sys.executable, "-m", "benchmarks.ours"], jax_env),
+        "torch": ([sys.executable, "-m", "benchmarks.torch_peer"], torch_env),
+        "flax": ([args.flax_python, "-m", "benchmarks.flax_peer"], jax_env),
     }
     wanted = [s.strip() for s in args.sides.split(",") if s.strip()]
     out: dict[str, Worker | str] = {}
@@ -102,6 +104,9 @@ def start_workers(args: argparse.Namespace, log_dir: str) -> dict[str, Worker | 
             out[side] = "not requested (--sides)"
             continue
         cmd, env = plan[side]
+        if not cmd[0]:
+            out[side] = "no interpreter given (--flax-python or LDM_BENCH_FLAX_PYTHON)"
+            continue
         if not shutil.which(cmd[0]) and not os.path.exists(cmd[0]):
             out[side] = f"interpreter {cmd[0]} not found"
             continue
@@ -124,6 +129,19 @@ def export_weights(torch_worker: Worker, case: dict[str, Any], folder: str, done
     return done[key]
 
 
+def run_pipeline_case(case: dict[str, Any], quick: bool, reps: int, env: dict[str, str], log_dir: str) -> dict:
+    """A benchmarks/pipeline.py case in its own process (it compares two ldm_jax variants: a ratio)."""
+    cmd = [sys.executable, "-m", "benchmarks.pipeline", case["name"], "--reps", str(reps)] + (["--quick"] if quick
+                                                                                              else [])
+    with open(os.path.join(log_dir, f"pipeline_{case['name']}.log"), "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True, timeout=3600)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT ")), None)
+    if proc.returncode or line is None:
+        return {"about": case["about"], "status": "error", "reason": f"exit {proc.returncode}; log in {log_dir}",
+                "sides": {}, "ratio_ours_over": {}}
+    return {**json.loads(line.split(" ", 1)[1]), "status": "ok", "sides": {}, "ratio_ours_over": {}}
+
+
 def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
@@ -142,6 +160,10 @@ def run_case(case: dict[str, Any], workers: dict[str, Worker | str], reps: int, 
             res[side] = {"status": "error", "reason": r.get("error")}
             continue
         res[side] = {"status": "ok", **r, "times_s": [], "cpu_s": []}
+        peak = w.call("peak")  # set-up (compilation, weights) apart from the steady state
+        if peak.get("ok"):
+            res[side]["setup_peak_rss_gib"] = peak["peak_rss_gib"]
+        w.call("reset_peak")
         live.append(side)
     for i in range(warmup + reps):
         k = i % max(len(live), 1)
@@ -159,7 +181,7 @@ def run_case(case: dict[str, Any], workers: dict[str, Worker | str], reps: int, 
     for side in live:
         peak = workers[side].call("peak")
         if peak.get("ok"):
-            res[side]["peak_rss_gib"] = peak["peak_rss_gib"]
+            res[side]["peak_rss_gib"] = peak["peak_rss_gib"]  # steady state: since the reset after set-up
         td = workers[side].call("teardown", name=case["name"])
         if td.get("gpu_peak_gib") is not None:
             res[side]["gpu_peak_gib"] = td["gpu_peak_gib"]
@@ -226,21 +248,43 @@ def table(results: dict[str, Any]) -> str:
                 f"{_fmt(r.get('gflop'), 4)} | {_fmt(r.get('achieved_gflops'))} | "
                 f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {_fmt(r.get('peak_rss_gib'))} | "
                 f"{_fmt(r.get('xla_memory_gib'))} |")
+    ratio_cases = {n: c for n, c in results["cases"].items() if "ratio" in c or c.get("status") == "error"}
+    if ratio_cases:
+        lines += ["", "| case | variant | figures | ratio | target |", "|---|---|---|---|---|"]
+        for name, c in ratio_cases.items():
+            if "ratio" not in c:
+                lines.append(f"| {name} | error: {c.get('reason')} | | | |")
+                continue
+            for k, (variant, v) in enumerate(c["variants"].items()):
+                figs = ", ".join(f"{f} {_fmt(x)}" for f, x in v.items() if isinstance(x, (int, float)))
+                lines.append(f"| {name if k == 0 else ''} | {variant} | {figs} | "
+                             f"{_fmt(c['ratio']) if k == 0 else ''} | {c['target'] if k == 0 else ''} |")
     return "\n".join(lines)
 
 
 def targets(results: dict[str, Any]) -> dict[str, Any]:
-    """The issue's targets, each with the measured value and whether it was reached."""
+    """The targets (issue #18), each with the measured value and whether it was reached."""
     cs, out = results["cases"], {}
-    for name in ("unet_train", "ddim_cfg"):
-        sp = cs.get(name, {}).get("speedup_vs_fastest_peer")
-        out[f"{name}: ours >= 1.2x faster than the faster peer"] = {
-            "value": sp, "reached": None if sp is None else sp >= 1.2,
-            "paired_median": cs.get(name, {}).get("paired_speedup_vs_fastest_peer")}
-    mfu = cs.get("unet_train", {}).get("sides", {}).get("ours", {}).get("mfu")
-    out["unet_train: ours MFU >= 40%"] = {"value": mfu, "reached": None if mfu is None else mfu >= 0.4}
+
+    def add(label: str, value: float | None, reached: bool | None, **extra: Any) -> None:
+        out[label] = {"value": value, "reached": None if value is None else reached, **extra}
+
+    sp = cs.get("unet_train", {}).get("speedup_vs_fastest_peer")
+    add("unet_train (train.py's step): ours >= 1.1x faster than the faster peer", sp, sp is not None and sp >= 1.1,
+        paired_median=cs.get("unet_train", {}).get("paired_speedup_vs_fastest_peer"))
+    sides = cs.get("unet_train", {}).get("sides", {})
+    ours_rss, torch_rss = sides.get("ours", {}).get("peak_rss_gib"), sides.get("torch", {}).get("peak_rss_gib")
+    rss = ours_rss / torch_rss if ours_rss and torch_rss else None
+    add("unet_train: steady-state peak RSS <= 1.5x torch's", rss, rss is not None and rss <= 1.5)
+    sp = cs.get("ddim_cfg", {}).get("speedup_vs_fastest_peer")
+    add("ddim_cfg: ours faster than the faster peer", sp, sp is not None and sp > 1.0,
+        paired_median=cs.get("ddim_cfg", {}).get("paired_speedup_vs_fastest_peer"))
+    for name in ("data", "latent_cache", "loop"):
+        c = cs.get(name, {})
+        if "ratio" in c:
+            add(f"{name}: ratio >= {c['target']}", c["ratio"], c["ratio"] >= c["target"])
     sp = results.get("ldm4_vs_ldm1", {}).get("speedup")
-    out["LDM-4 >= 4x faster than LDM-1"] = {"value": sp, "reached": None if sp is None else sp >= 4.0}
+    add("LDM-4 >= 4x faster than LDM-1", sp, sp is not None and sp >= 4.0)
     return out
 
 
@@ -255,8 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--cases: unknown case(s) {sorted(unknown)}; known: {[c['name'] for c in cases]}")
         cases = [c for c in cases if c["name"] in keep]
     reps = args.reps or (2 if args.quick else 5)
-    impl = args.attention_impl or ("cudnn" if args.gpu else "matmul")
-    impl = None if impl == "none" else impl
+    impl = args.attention_impl  # None: the backend's default (models/latent_diffusion.default_attention_impl)
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="ldm_bench_")
     os.makedirs(log_dir, exist_ok=True)
     load_before = _load()
@@ -268,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                              "python": platform.python_version()},
                  "load_avg_before": load_before, "xla_flags_jax_workers": (
                      args.xla_flags if args.xla_flags is not None else ("" if args.gpu else CPU_XLA_FLAGS)),
-                 "ours_attention_impl": impl, "ours_guidance_shared_x": not args.no_shared_x,
+                 "ours_attention_impl": impl or "backend default", "ours_guidance_shared_x": not args.no_shared_x,
                  "torch_env": "default" if args.torch_omp_default else "OMP_WAIT_POLICY=PASSIVE",
                  "sides": {k: (v.info if isinstance(v, Worker) else {"absent": v}) for k, v in workers.items()},
                  "log_dir": log_dir},
@@ -287,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                                          "dtype": "bfloat16" if args.gpu else "float32"}
         print(f"[bench] dense matmul {n}^3: {json.dumps(rates)} GFLOP/s", flush=True)
         weights_dir, exported = tempfile.mkdtemp(prefix="ldm_bench_w_"), {}
+        pipeline_env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if not args.gpu:
+            pipeline_env["JAX_PLATFORMS"] = "cpu"
         for case in cases:
             case["gpu"] = args.gpu
             case["attention_impl"] = impl
@@ -299,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
                     rates[f"{side}_{case['name']}"] = r["gflops"]
             t0 = time.time()
             print(f"[bench] {case['name']}: {case['about']}", flush=True)
+            if case["kind"] == "pipeline":
+                results["cases"][case["name"]] = run_pipeline_case(case, args.quick, reps, pipeline_env, log_dir)
+                c = results["cases"][case["name"]]
+                print(f"[bench]   ratio {_fmt(c.get('ratio'))} (target {c.get('target')})" if "ratio" in c
+                      else f"[bench]   {c.get('reason')}", flush=True)
+                continue
             if case.get("same_as") in results["cases"]:  # identical shapes: reuse, do not re-measure
                 res = {s: results["cases"][case["same_as"]]["sides"][s] for s in case["sides"]}
             else:

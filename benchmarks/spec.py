@@ -61,6 +61,12 @@ def make_cases(quick: bool = False) -> list[dict[str, Any]]:
                       unet=unet, batch=ldm_b, size=img, in_channels=3))
     for c in cases[-2:]:
         c["sides"] = ["ours"]
+    # Around the step: ldm_jax against its own previous way (benchmarks/pipeline.py; a ratio, no peer).
+    cases += [case("data", "pipeline", "input pipeline: grain workers vs one prefetch thread (images/s)"),
+              case("latent_cache", "pipeline", "demo stage-2 step: from the latent cache vs encoding in the step"),
+              case("loop", "pipeline", "demo stage-2 train loop steps/s over the compiled step back to back")]
+    for c in cases[-3:]:
+        c["sides"] = ["ours"]
     return cases
 
 

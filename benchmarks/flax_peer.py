@@ -1,6 +1,6 @@
 """Benchmark worker for diffusers 0.39's Flax models (its last Flax release), run in a separate virtualenv:
 
-    PYTHONPATH=<repo> /work/venv_peer/bin/python -m ldm_jax.bench.flax_peer
+    PYTHONPATH=<repo> /work/venv_peer/bin/python -m benchmarks.flax_peer
 
 Needs jax, flax, optax and diffusers==0.39.* (+ transformers<5); imports nothing else from ldm_jax than the
 standard-library-only protocol/spec modules. Sampling follows FlaxStableDiffusionPipeline (a jitted fori_loop).
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ldm_jax.bench import protocol, spec
+from benchmarks import protocol, spec
 
 warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
 

@@ -1,4 +1,4 @@
-"""Benchmark worker for diffusers on PyTorch (`python -m ldm_jax.bench.torch_peer`), eager mode, SDPA attention.
+"""Benchmark worker for diffusers on PyTorch (`python -m benchmarks.torch_peer`), eager mode, SDPA attention.
 
 CPU: float32, torch's default intra-op threads. GPU (case["gpu"]): CUDA with bfloat16 autocast (fp32 weights), the
 mixed-precision counterpart of ours (fp32 params, bf16 compute).
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ldm_jax.bench import protocol, spec
+from benchmarks import protocol, spec
 
 
 class TorchSide:

@@ -1,10 +1,10 @@
-"""Per-component rates of the benchmark UNet's building blocks: `python -m ldm_jax.bench.components [--quick]`.
+"""Per-component rates of the benchmark UNet's building blocks: `python -m benchmarks.components [--quick]`.
 
 Forward and forward + backward of one SpatialTransformer and a few ResBlocks at the bench UNet's shapes, each
 timed on its own (median of interleaved runs) and reported as GFLOP/s from XLA's cost analysis. This is where
 the session-6 profile came from (docs/benchmarks.md item 28): per-op trace events include time spent waiting for a
 core, whereas a whole module timed alone does not. For one core: `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false
-taskset -c 0 python -m ldm_jax.bench.components`. Not a peer comparison: only ldm_jax's modules.
+taskset -c 0 python -m benchmarks.components`. Not a peer comparison: only ldm_jax's modules.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from ldm_jax.bench.protocol import xla_gflop
+from benchmarks.protocol import xla_gflop
 from ldm_jax.xla_flags import set_default_xla_flags
 
 
