@@ -367,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             t4, t1 = c4["sides"]["ours"].get("median_s"), c1["sides"]["ours"].get("median_s")
             if t4 and t1:
                 results["ldm4_vs_ldm1"] = {"speedup": t1 / t4, "ldm4_median_s": t4, "ldm1_median_s": t1,
-                                           "batch": spec.make_cases(args.quick)[-1]["batch"]}
+                                           "batch": next(c["batch"] for c in spec.make_cases(args.quick)
+                                                         if c["name"] == "ldm4_train")}
         # Re-measure the matmul rate at the end: the machine may have been busier or quieter than at the start.
         for side in ("ours", "torch"):
             if side in live:

@@ -136,7 +136,9 @@ def test_kill9_and_sigterm_resume_is_bit_identical(chain, reference):
     assert int(state["step"]) == su.REF_STEPS
     su.assert_trees_equal(state, ref_state)  # params, both optimizers, discriminator BatchNorm statistics
     assert meta["data"] == ref_meta["data"]
-    assert su.read_metrics(chain["workdir"]) == su.read_metrics(ref_wd)
+    timing = ("train_steps_per_s",)  # wall-clock figures differ between any two runs
+    drop = lambda m: {k: v for k, v in m.items() if k not in timing}  # noqa: E731
+    assert drop(su.read_metrics(chain["workdir"])) == drop(su.read_metrics(ref_wd))
 
 
 def test_nonfinite_streak_stops_with_last_good_checkpoint(nonfinite):

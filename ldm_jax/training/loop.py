@@ -159,9 +159,11 @@ class Run:
                 last_ckpt = done if not nonfinite.consecutive else last_ckpt  # saved mid-streak: not 'good'
             if stop:
                 ckpt.wait()
+                getattr(batches, "close", lambda: None)()
                 logging.info("preempted: checkpoint saved at step %d", done)
                 return LoopResult(state, True, last_metrics, nonfinite.total)
         ckpt.wait()
+        getattr(batches, "close", lambda: None)()
         steps = tc.num_steps - start
         if steps:
             logging.info("train loop: %d steps in %.2f s (%.3g steps/s)", steps, loop_s, steps / max(loop_s, 1e-9))
@@ -179,5 +181,8 @@ def host_batches(dataset: Any, start: int, to_inputs: Callable[[dict], dict] = l
     """This process's inputs for steps start, start + 1, ... from a BatchIterator (its prefetch thread computes
     the next batches while the device runs)."""
     dataset.restore(dataset.state() | {"step": start})
-    for batch in dataset:
-        yield to_inputs(batch)
+    try:
+        for batch in dataset:
+            yield to_inputs(batch)
+    finally:  # Run.train closes this generator: the prefetch thread or worker processes stop with the loop
+        dataset.close()
