@@ -34,7 +34,7 @@ setup(
     ],
     extras_require={
         # Parity tests against the PyTorch reference implementations (torch 2.13.0 is a local CPU wheel here).
-        "test": ["pytest", "ruff", "scikit-image", "torch==2.13.0", "diffusers", "safetensors", "matplotlib",
+        "test": ["pytest", "ruff", "psutil", "scikit-image", "torch==2.13.0", "diffusers", "safetensors", "matplotlib",
                  "nbclient", "nbformat", "ipykernel"],
         "convert": ["torch", "safetensors"],
     },

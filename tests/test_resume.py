@@ -14,12 +14,16 @@ import time
 
 import jax
 import numpy as np
+import psutil
 import pytest
 import scaleout_utils as su
 
 from ldm_jax.training.checkpoint import Checkpointer
 
 LONG = dict(su.REF_OVERRIDES, **{"train.num_steps": 1000})  # same training, never reaches its end by itself
+# The first and last legs assemble batches in grain worker processes, the reference and the SIGTERM leg in one
+# thread: the final state must still equal the reference's bit for bit.
+WORKERS = {"data.num_workers": 2}
 # What a save cut short by kill -9 leaves behind (this Orbax names it STEP.orbax-checkpoint-tmp; older ones add a
 # timestamp): never a valid checkpoint, even at a higher step.
 FAKE_TMPS = ("900.orbax-checkpoint-tmp", "950.orbax-checkpoint-tmp-1700000000000000")
@@ -63,15 +67,20 @@ def chain(reference, nonfinite, root):  # `nonfinite` only to start it early
     reference.wait_compiled()  # then every run below loads the compiled step from the cache
 
     # 1. kill -9 at a random moment after the first checkpoint is committed.
-    p1 = su.start_train(su.TINY_AE, wd, LONG, 8, reference.cache_dir, log_path=wd + ".1.log")
+    p1 = su.start_train(su.TINY_AE, wd, LONG | WORKERS, 8, reference.cache_dir, log_path=wd + ".1.log")
     su.wait_for(lambda: su.committed_steps(wd), 600, p1)
+    workers = psutil.Process(p1.pid).children(recursive=True)
     delay = random.uniform(0.0, 1.5)
     deadline = time.time() + delay
     # Capped so the SIGTERM leg below still ends before REF_STEPS.
     su.wait_for(lambda: time.time() > deadline or _max_logged(p1) >= 9, 120, p1)
     p1.send_signal(signal.SIGKILL)
     p1.wait()
-    info.update(kill_delay=delay, killed_after_step=_max_logged(p1), after_kill=su.committed_steps(wd))
+    _, alive = psutil.wait_procs(workers, timeout=20)  # they die with the run (PR_SET_PDEATHSIG), not linger
+    info.update(kill_delay=delay, killed_after_step=_max_logged(p1), after_kill=su.committed_steps(wd),
+                workers=len(workers), orphans=[p.pid for p in alive])
+    for p in alive:
+        p.kill()
     print("chain:", info)
     assert p1.returncode == -signal.SIGKILL
 
@@ -97,7 +106,7 @@ def chain(reference, nonfinite, root):  # `nonfinite` only to start it early
                 after_sigterm=su.committed_steps(wd), log_2=su.log_tail(p2))
 
     # 4. Restart with the reference's step count: runs to the end.
-    p3 = su.start_train(su.TINY_AE, wd, su.REF_OVERRIDES, 8, reference.cache_dir, log_path=wd + ".3.log")
+    p3 = su.start_train(su.TINY_AE, wd, su.REF_OVERRIDES | WORKERS, 8, reference.cache_dir, log_path=wd + ".3.log")
     info["final_rc"] = su.wait(p3, 600)
     info["log_3"] = su.log_text(p3)
     return info
@@ -134,6 +143,7 @@ def test_kill9_and_sigterm_resume_is_bit_identical(chain, reference):
     ref_state, ref_meta = su.restore_host(ref_wd, su.REF_STEPS)
     state, meta = su.restore_host(chain["workdir"], su.REF_STEPS)
     assert int(state["step"]) == su.REF_STEPS
+    assert chain["workers"] >= 2 and chain["orphans"] == []  # the killed run's grain workers exited with it
     su.assert_trees_equal(state, ref_state)  # params, both optimizers, discriminator BatchNorm statistics
     assert meta["data"] == ref_meta["data"]
     timing = ("train_steps_per_s",)  # wall-clock figures differ between any two runs

@@ -197,7 +197,7 @@ class BatchIterator:
             options = grain.MultiprocessingOptions(num_workers=self.num_workers,
                                                    per_worker_buffer_size=max(1, self.prefetch))
             reads = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-            self._workers = iter(steps.to_iter_dataset(reads).mp_prefetch(options))
+            self._workers = iter(steps.to_iter_dataset(reads).mp_prefetch(options, worker_init_fn=_die_with_parent))
         batch, problems = next(self._workers)
         self._merge(problems)
         return batch
@@ -286,6 +286,18 @@ class BatchIterator:
 
 
 _ENDLESS = 2**62  # the step range of an iterator without num_epochs
+
+
+def _die_with_parent(worker_index: int, worker_count: int) -> None:
+    """grain worker start-up: exit when the training process dies, even by kill -9 (Linux PR_SET_PDEATHSIG), instead
+    of lingering with a copy of the data source."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: grain's own shutdown on a normal exit still applies
+        pass
 
 
 class _StepBatch:
