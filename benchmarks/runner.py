@@ -22,6 +22,7 @@ from typing import Any
 
 from benchmarks import spec
 from benchmarks.protocol import Worker
+from benchmarks.report import fmt, table, targets
 from ldm_jax import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,73 +222,6 @@ def summarise(case: dict[str, Any], res: dict[str, Any], peak_gflops: float | No
     return out
 
 
-def _fmt(x: Any, nd: int = 3) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.{nd}g}" if abs(x) < 1000 else f"{x:.0f}"
-    return str(x)
-
-
-def table(results: dict[str, Any]) -> str:
-    """Markdown table of the cases (also printed)."""
-    head = ("| case | side | median s | min s | ours/side | compile s | first run s | GFLOP | GFLOP/s | MFU | "
-            "peak RSS GiB | XLA mem GiB |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for name, c in results["cases"].items():
-        for side, r in c["sides"].items():
-            if r.get("status") != "ok":
-                lines.append(f"| {name} | {side} | {r.get('status')}: {str(r.get('reason'))[:80]} |"
-                             + " |" * 9)
-                continue
-            ratio = c["ratio_ours_over"].get(side) if side != "ours" else None
-            mfu = r.get("mfu")
-            lines.append(
-                f"| {name} | {side} | {_fmt(r.get('median_s'))} | {_fmt(min(r['times_s']) if r['times_s'] else None)}"
-                f" | {_fmt(ratio)} | {_fmt(r.get('compile_s'))} | {_fmt(r.get('first_run_s'))} | "
-                f"{_fmt(r.get('gflop'), 4)} | {_fmt(r.get('achieved_gflops'))} | "
-                f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {_fmt(r.get('peak_rss_gib'))} | "
-                f"{_fmt(r.get('xla_memory_gib'))} |")
-    ratio_cases = {n: c for n, c in results["cases"].items() if "ratio" in c or c.get("status") == "error"}
-    if ratio_cases:
-        lines += ["", "| case | variant | figures | ratio | target |", "|---|---|---|---|---|"]
-        for name, c in ratio_cases.items():
-            if "ratio" not in c:
-                lines.append(f"| {name} | error: {c.get('reason')} | | | |")
-                continue
-            for k, (variant, v) in enumerate(c["variants"].items()):
-                figs = ", ".join(f"{f} {_fmt(x)}" for f, x in v.items() if isinstance(x, (int, float)))
-                lines.append(f"| {name if k == 0 else ''} | {variant} | {figs} | "
-                             f"{_fmt(c['ratio']) if k == 0 else ''} | {c['target'] if k == 0 else ''} |")
-    return "\n".join(lines)
-
-
-def targets(results: dict[str, Any]) -> dict[str, Any]:
-    """The targets (issue #18), each with the measured value and whether it was reached."""
-    cs, out = results["cases"], {}
-
-    def add(label: str, value: float | None, reached: bool | None, **extra: Any) -> None:
-        out[label] = {"value": value, "reached": None if value is None else reached, **extra}
-
-    sp = cs.get("unet_train", {}).get("speedup_vs_fastest_peer")
-    add("unet_train (train.py's step): ours >= 1.1x faster than the faster peer", sp, sp is not None and sp >= 1.1,
-        paired_median=cs.get("unet_train", {}).get("paired_speedup_vs_fastest_peer"))
-    sides = cs.get("unet_train", {}).get("sides", {})
-    ours_rss, torch_rss = sides.get("ours", {}).get("peak_rss_gib"), sides.get("torch", {}).get("peak_rss_gib")
-    rss = ours_rss / torch_rss if ours_rss and torch_rss else None
-    add("unet_train: steady-state peak RSS <= 1.5x torch's", rss, rss is not None and rss <= 1.5)
-    sp = cs.get("ddim_cfg", {}).get("speedup_vs_fastest_peer")
-    add("ddim_cfg: ours faster than the faster peer", sp, sp is not None and sp > 1.0,
-        paired_median=cs.get("ddim_cfg", {}).get("paired_speedup_vs_fastest_peer"))
-    for name in ("data", "latent_cache", "loop"):
-        c = cs.get(name, {})
-        if "ratio" in c:
-            add(f"{name}: ratio >= {c['target']}", c["ratio"], c["ratio"] >= c["target"])
-    sp = results.get("ldm4_vs_ldm1", {}).get("speedup")
-    add("LDM-4 >= 4x faster than LDM-1", sp, sp is not None and sp >= 4.0)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.time()
@@ -348,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             if case["kind"] == "pipeline":
                 results["cases"][case["name"]] = run_pipeline_case(case, args.quick, reps, pipeline_env, log_dir)
                 c = results["cases"][case["name"]]
-                print(f"[bench]   ratio {_fmt(c.get('ratio'))} (target {c.get('target')})" if "ratio" in c
+                print(f"[bench]   ratio {fmt(c.get('ratio'))} (target {c.get('target')})" if "ratio" in c
                       else f"[bench]   {c.get('reason')}", flush=True)
                 continue
             if case.get("same_as") in results["cases"]:  # identical shapes: reuse, do not re-measure
@@ -358,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             results["cases"][case["name"]] = summarise(case, res, None)
             results["cases"][case["name"]]["case_wall_s"] = time.time() - t0
             for side, r in res.items():
-                print(f"[bench]   {side}: " + (f"median {r['median_s']:.4g} s, compile {_fmt(r.get('compile_s'))} s"
+                print(f"[bench]   {side}: " + (f"median {r['median_s']:.4g} s, compile {fmt(r.get('compile_s'))} s"
                                                if r.get("median_s") else f"{r.get('status')}: {r.get('reason')}"),
                       flush=True)
         shutil.rmtree(weights_dir, ignore_errors=True)
@@ -394,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nTargets:")
     for k, v in results["targets"].items():
         verdict = {True: "reached", False: "NOT reached", None: "n/a"}[v["reached"]]
-        paired = f" (median of per-round ratios {_fmt(v['paired_median'])})" if v.get("paired_median") else ""
-        print(f"  {k}: {_fmt(v['value'])} -> {verdict}{paired}")
+        paired = f" (median of per-round ratios {fmt(v['paired_median'])})" if v.get("paired_median") else ""
+        print(f"  {k}: {fmt(v['value'])} -> {verdict}{paired}")
     print(f"\nwall {results['meta']['wall_s']:.0f} s, load average before {load_before} after {_load()}")
     if args.json:
         with open(args.json, "w") as f:

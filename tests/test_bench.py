@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from benchmarks import runner, spec
+from benchmarks import report, runner, spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK_CASES = "unet_train,ddim_cfg,ae_encode,ae_decode,ldm4_train,ldm1_train,data"
@@ -87,7 +87,7 @@ def test_summarise_ratios_and_table():
     s2 = runner.summarise(case, res2, peak_gflops=100.0)
     assert res2["flax"]["achieved_gflops"] == pytest.approx(5.0) and res2["ours"]["achieved_gflops"] == 8.0
     assert s2["paired_speedup_vs_fastest_peer"] == pytest.approx(1.5)  # median of 1.5, 1.5, 4.0
-    text = runner.table({"cases": {"c": s}})
+    text = report.table({"cases": {"c": s}})
     assert "| c | torch | 2 |" in text and "absent: not installed" in text
 
 
