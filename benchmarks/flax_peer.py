@@ -1,9 +1,10 @@
 """Benchmark worker for diffusers 0.39's Flax models (its last Flax release), run in a separate virtualenv:
 
-    PYTHONPATH=<repo> /work/venv_peer/bin/python -m benchmarks.flax_peer
+    PYTHONPATH=<repo> PEER/bin/python -m benchmarks.flax_peer
 
-Needs jax, flax, optax and diffusers==0.39.* (+ transformers<5); imports nothing else from ldm_jax than the
-standard-library-only protocol/spec modules. Sampling follows FlaxStableDiffusionPipeline (a jitted fori_loop).
+Needs jax, flax, optax and diffusers==0.39.* (+ transformers<5); imports nothing of ldm_jax; of benchmarks/ only
+protocol/spec (standard library) and ours.random_params (numpy). Sampling follows
+FlaxStableDiffusionPipeline (a jitted fori_loop).
 """
 
 from __future__ import annotations
@@ -21,21 +22,13 @@ warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
 
 
 def random_params(abstract: Any, seed: int = 0) -> Any:
-    """As ours.random_params (duplicated: this worker runs without ldm_jax's dependencies)."""
+    """ours.random_params as device arrays (benchmarks/ours.py imports nothing of ldm_jax at module level, so this
+    venv without ldm_jax's dependencies can use it)."""
     import jax
 
-    rng = np.random.default_rng(seed)
+    from benchmarks.ours import random_params as host_random_params
 
-    def leaf(path, x):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name == "scale":
-            return np.ones(x.shape, x.dtype)
-        if name == "bias":
-            return np.zeros(x.shape, x.dtype)
-        fan_in = int(np.prod(x.shape[:-1])) or 1
-        return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(x.dtype)
-
-    return jax.tree.map(jax.numpy.asarray, jax.tree_util.tree_map_with_path(leaf, abstract))
+    return jax.tree.map(jax.numpy.asarray, host_random_params(abstract, seed))
 
 
 class FlaxSide:

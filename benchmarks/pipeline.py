@@ -91,14 +91,12 @@ def _stage1(workdir: str) -> None:
     import jax
 
     from benchmarks.ours import random_params
+    from configs.demo_autoencoder import get_config
     from ldm_jax.models.autoencoder import build_autoencoder
     from ldm_jax.training.checkpoint import Checkpointer
     from ldm_jax.training.common import save_config
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-    import demo_autoencoder
-
-    config = demo_autoencoder.get_config()
+    config = get_config()
     model = build_autoencoder(config.model)
     x = jax.ShapeDtypeStruct((1, config.data.resolution, config.data.resolution, config.model.in_channels),
                              np.float32)
@@ -112,10 +110,9 @@ def _stage1(workdir: str) -> None:
 
 
 def _demo_ldm(first_stage: str):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-    import demo_ldm
+    from configs.demo_ldm import get_config
 
-    c = demo_ldm.get_config()
+    c = get_config()
     c.first_stage.workdir = first_stage
     return c
 

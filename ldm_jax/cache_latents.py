@@ -30,7 +30,7 @@ from ldm_jax.training import ldm as L  # noqa: E402
 
 
 def _all_captions(source, index: int) -> tuple[str, ...]:
-    if hasattr(source, "captions"):  # image folders: without decoding the image again
+    if hasattr(source, "captions"):  # image folders, packed shards: without decoding the image again
         caps = source.captions(index)
     else:
         caps = source.get(index).get("captions", ())

@@ -102,9 +102,6 @@ class PackedSource:
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
-        return self.get(index)
-
     def record(self, index: int) -> dict:
         """The stored record (image bytes undecoded)."""
         return decode_record(self.records[int(index)])
@@ -113,14 +110,19 @@ class PackedSource:
         n = len(self) if limit <= 0 else min(limit, len(self))
         return [c for i in range(n) for c in self.record(i)["captions"] if c]
 
+    def captions(self, index: int, rec: dict | None = None) -> tuple[str, ...]:
+        """Example `index`'s captions (('',) when it has none: the null condition), without decoding its image."""
+        rec = self.record(index) if rec is None else rec
+        caps = tuple(c.strip() for c in rec["captions"] if c.strip())
+        if not caps:
+            self.caption_stats.add("missing" if not rec["captions"] else "empty", index, rec["key"])
+        return caps or ("",)
+
     def get(self, index: int) -> dict:
         from ldm_jax.data.sources import decode_image
 
         rec = self.record(index)
         ex = {"image": decode_image(io.BytesIO(rec["image"])), "label": np.int32(rec["label"])}
         if self.has_captions:
-            caps = tuple(c.strip() for c in rec["captions"] if c.strip())
-            if not caps:
-                self.caption_stats.add("missing" if not rec["captions"] else "empty", index, rec["key"])
-            ex["captions"] = caps or ("",)
+            ex["captions"] = self.captions(index, rec)
         return ex

@@ -73,7 +73,7 @@ class BatchIterator:
         self.num_steps = None if num_epochs is None else math.ceil(num_epochs * n / batch_size)
         self.step = 0
         self._perms: dict[int, np.ndarray] = {}
-        self._perm_lock = threading.Lock()
+        self._lock = threading.Lock()  # the permutation cache and the problem counts: caller and prefetch thread
         if not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
             raise ValueError(f"data.num_workers must be a non-negative int, got {num_workers!r}")
         self.prefetch, self.num_workers = int(prefetch), int(num_workers)
@@ -99,7 +99,7 @@ class BatchIterator:
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The example order of `epoch`: a pure function of (seed, epoch) (identity when shuffle is off)."""
-        with self._perm_lock:
+        with self._lock:
             perm = self._perms.get(epoch)
             if perm is None:
                 if self.shuffle:
@@ -155,7 +155,7 @@ class BatchIterator:
         return batch, problems
 
     def _merge(self, problems: list[tuple[str, int]]) -> None:
-        with self._perm_lock:
+        with self._lock:
             for kind, index in problems:
                 self._seen.setdefault(kind, set()).add(index)
 
@@ -261,12 +261,12 @@ class BatchIterator:
             self._stop.set()  # no join: __del__ may run on the worker thread itself
 
     def __getstate__(self) -> dict:  # what a worker process gets: no thread, queue or grain iterator
-        drop = ("_thread", "_queue", "_stop", "_workers", "_perm_lock", "_perms")
+        drop = ("_thread", "_queue", "_stop", "_workers", "_lock", "_perms")
         return {k: (None if k in drop else v) for k, v in self.__dict__.items()} | {"_perms": {}}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._perm_lock = threading.Lock()
+        self._lock = threading.Lock()
 
     def state(self) -> dict:
         """JSON-able position; process-independent, so a run may resume with a different process count."""

@@ -132,7 +132,7 @@ class Run:
 
         next_batch = mesh_lib.global_batch(next(batches), mesh) if start < tc.num_steps else None
         t0 = time.perf_counter()
-        loop_s = 0.0
+        loop_s, stop = 0.0, False
         for step in range(start, tc.num_steps):
             batch = next_batch
             state, metrics = step_for(step, state)(state, batch, *args)  # dispatched; runs while we go on
@@ -158,12 +158,12 @@ class Run:
                 ckpt.save(done, state, meta, force=True)
                 last_ckpt = done if not nonfinite.consecutive else last_ckpt  # saved mid-streak: not 'good'
             if stop:
-                ckpt.wait()
-                getattr(batches, "close", lambda: None)()
-                logging.info("preempted: checkpoint saved at step %d", done)
-                return LoopResult(state, True, last_metrics, nonfinite.total)
+                break
         ckpt.wait()
-        getattr(batches, "close", lambda: None)()
+        getattr(batches, "close", lambda: None)()  # host_batches: stops the prefetch thread or grain workers
+        if stop:
+            logging.info("preempted: checkpoint saved at step %d", done)
+            return LoopResult(state, True, last_metrics, nonfinite.total)
         steps = tc.num_steps - start
         if steps:
             logging.info("train loop: %d steps in %.2f s (%.3g steps/s)", steps, loop_s, steps / max(loop_s, 1e-9))
