@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     set_default_xla_flags()  # before jax is imported
     from ldm_jax import inference
+    from ldm_jax import workdir as W
     from ldm_jax.data.images import load_images, load_npy
     from ldm_jax.data.pipeline import image_size
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         # Everything a user can get wrong is checked against config.json before loading or compiling.
-        config = inference.read_config(args.workdir)
+        config = W.read_config(args.workdir, "ldm")
         opts = dict(inference.sampling_options(config, **{k: getattr(args, k) for k in SAMPLING_FLAGS}),
                     class_labels=args.class_label, prompts=args.prompt, size_factor=args.size_factor)
         inference.check_sample_args(config, num_samples=args.num_samples, batch_size=args.batch_size,

@@ -142,6 +142,7 @@ class OursSide:
         attention default for this backend (model.unet.attention_impl '' unless --attention-impl pins one).
         The context is given in the batch (model.cond_stage 'context') as the peers give theirs."""
         jax, jnp = self.jax, self.jax.numpy
+        from ldm_jax import workdir as W
         from ldm_jax.config_defaults import autoencoder_config, ldm_config
         from ldm_jax.models.autoencoder import AutoencoderKL
         from ldm_jax.training import common
@@ -163,8 +164,8 @@ class OursSide:
                          warmup_steps=0, batch_size=case["batch"])
         ae = autoencoder_config("kl")
         ae.model.embed_dim = c
-        fs = L.FirstStage(AutoencoderKL(embed_dim=c), {}, ae, "")  # only from_moments runs: no encoder
-        model, tx, sched = L.build_model(cfg, fs), L.make_optimizer(cfg), L.make_schedule(cfg)
+        fs = W.FirstStage(AutoencoderKL(embed_dim=c), {}, ae, "")  # only from_moments runs: no encoder
+        model, tx, sched = W.build_model(cfg, fs), L.make_optimizer(cfg), W.make_schedule(cfg)
         params = {"unet": unet_params}
         state = L.LDMState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
                            opt_state=tx.init(params), scale_factor=jnp.float32(1.0),

@@ -92,9 +92,9 @@ def _stage1(workdir: str) -> None:
 
     from benchmarks.ours import random_params
     from configs.demo_autoencoder import get_config
+    from ldm_jax.checkpoint import Checkpointer
     from ldm_jax.models.autoencoder import build_autoencoder
-    from ldm_jax.training.checkpoint import Checkpointer
-    from ldm_jax.training.common import save_config
+    from ldm_jax.workdir import save_config
 
     config = get_config()
     model = build_autoencoder(config.model)
@@ -121,6 +121,7 @@ def bench_latent_cache(quick: bool, reps: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
+    from ldm_jax import workdir as W
     from ldm_jax.cache_latents import cache_latents
     from ldm_jax.data.pipeline import make_dataset
     from ldm_jax.training import common
@@ -137,8 +138,8 @@ def bench_latent_cache(quick: bool, reps: int) -> dict[str, Any]:
     encode_s = time.perf_counter() - t0
     lat = cfg.copy_and_resolve_references()
     lat.data.latents = os.path.join(tmp, "latents")
-    fs = L.load_first_stage(cfg.first_stage.workdir)
-    model, tx, sched = L.build_model(cfg, fs), L.make_optimizer(cfg), L.make_schedule(cfg)
+    fs = W.load_first_stage(cfg.first_stage.workdir)
+    model, tx, sched = W.build_model(cfg, fs), L.make_optimizer(cfg), W.make_schedule(cfg)
     mesh = mesh_lib.make_mesh(cfg.mesh)
     rep = mesh_lib.replicated(mesh)
     b = cfg.train.batch_size

@@ -24,9 +24,9 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ldm_jax import workdir as W  # noqa: E402
 from ldm_jax.data.latents import DATA_FIELDS, LatentCacheWriter  # noqa: E402
 from ldm_jax.data.pipeline import make_dataset, make_source  # noqa: E402
-from ldm_jax.training import ldm as L  # noqa: E402
 
 
 def _all_captions(source, index: int) -> tuple[str, ...]:
@@ -48,7 +48,7 @@ def cache_latents(config: ml_collections.ConfigDict, out: str, split: str = "tra
     data.latents, data.shuffle = "", False  # images, in example order
     if data.preprocess == "random_crop":
         raise ValueError("data.preprocess='random_crop' cannot be cached (each step draws a new crop); use 'resize'")
-    fs = L.load_first_stage(first_stage or config.first_stage.workdir)
+    fs = W.load_first_stage(first_stage or config.first_stage.workdir)
     if int(fs.config.model.in_channels) != data.channels:
         raise ValueError(f"data.channels={data.channels} but the stage-1 model at {fs.workdir} takes "
                          f"{fs.config.model.in_channels}-channel images")

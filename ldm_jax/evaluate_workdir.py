@@ -5,7 +5,7 @@ the EMA weights (ldm_jax.inference) against held-out real images: Fréchet dista
 one feature space (default: the Fashion-MNIST classifier, keys *_fmnist; true FID only from InceptionV3 with
 user-supplied weights), and for class-conditional Fashion-MNIST models the conditional accuracy.
 
-This module sits above training (like inference.py): ldm_jax/evaluation itself imports no training code.
+Like inference.py it reads workdirs through ldm_jax/workdir.py and imports no training code.
 A metric that cannot be computed is None in the result, with the reason under result["unavailable"][key].
 """
 
@@ -20,26 +20,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from ldm_jax.config_defaults import load_saved_config
+from ldm_jax import workdir as W
 from ldm_jax.data.pipeline import image_size
 from ldm_jax.evaluation import evaluate as E
 from ldm_jax.evaluation.frechet import FeatureStats
 
 FMNIST_CLASSES = 10
-
-
-def read_stage(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
-    """('autoencoder' | 'ldm', config) from WORKDIR/config.json; one-line errors for anything else."""
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"--workdir: no such directory: {workdir}")
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--workdir: {workdir} has no config.json (not a training workdir)")
-    config = load_saved_config(path)
-    stage = config.get("stage")
-    if stage not in ("autoencoder", "ldm"):
-        raise ValueError(f"--workdir: {path} has stage={stage!r}, expected 'autoencoder' or 'ldm'")
-    return stage, config
 
 
 def _feature(kind: str, inception_weights: str | None, image_shape: tuple[int, ...],
@@ -72,10 +58,9 @@ def evaluate_autoencoder(workdir: str, *, num_samples: int = 2000, batch_size: i
     """Stage-1 metrics on the first num_samples held-out images (config.eval.split unless `split`)."""
     from ldm_jax.data.pipeline import make_dataset
     from ldm_jax.models.lpips_weights import load_lpips_params
-    from ldm_jax.training.ldm import load_first_stage
 
     t0 = time.time()
-    fs = load_first_stage(workdir)
+    fs = W.load_first_stage(workdir)
     config = fs.config
     split = split or config.eval.get("split", "test")
     ds = make_dataset(config.data, split, batch_size, seed, augment=False)
@@ -98,20 +83,10 @@ def evaluate_autoencoder(workdir: str, *, num_samples: int = 2000, batch_size: i
                                        lpips_params, max_reservoir=min(E.MAX_RESERVOIR, num), seed=seed)
     for key in unavailable:
         metrics[key] = None
-    step = _latest_step(workdir)
+    step = W.latest_step(workdir)
     return {"stage": "autoencoder", "workdir": os.path.abspath(workdir), "checkpoint_step": step,
             "model": f"{config.model.type}-f{fs.factor}", "split": split, "feature": feature, **metrics,
             "unavailable": unavailable, "seconds": time.time() - t0, "device": _device()}
-
-
-def _latest_step(workdir: str) -> int | None:
-    from ldm_jax.training.checkpoint import Checkpointer
-
-    ckpt = Checkpointer(workdir, async_save=False)
-    try:
-        return ckpt.latest_step()
-    finally:
-        ckpt.close()
 
 
 def judge_for(config: ml_collections.ConfigDict) -> int:
@@ -155,7 +130,6 @@ def evaluate_ldm(workdir: str | None = None, *, ldm: Any = None, num_samples: in
 
     t0 = time.time()
     if ldm is None:
-        inference.read_config(workdir)
         ldm = inference.LoadedLDM.load(workdir, first_stage)
     config = ldm.config
     opts = inference.sampling_options(config, sampler, steps, eta, guidance, spacing, karras, order, guidance_rescale)
@@ -204,7 +178,7 @@ def evaluate_ldm(workdir: str | None = None, *, ldm: Any = None, num_samples: in
 def evaluate_workdir(workdir: str, **kwargs) -> dict[str, Any]:
     """Runs the stage-1 or stage-2 evaluation that WORKDIR/config.json calls for (stage-2-only options such as
     sampler/steps/guidance are ignored for an autoencoder)."""
-    stage, _ = read_stage(workdir)
+    stage = W.read_config(workdir).stage
     feature = kwargs.get("feature") or "fmnist"
     if feature not in E.FEATURES:  # before loading anything
         raise ValueError(f"--feature must be one of {', '.join(E.FEATURES)}, got {feature!r}")

@@ -25,15 +25,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ldm_jax.config_defaults import load_saved_config
+from ldm_jax import conditions
+from ldm_jax import workdir as W
 from ldm_jax.data.images import make_grid, save_png, to_uint8
 from ldm_jax.diffusion import SAMPLERS, DiffusionSchedule
 from ldm_jax.diffusion.gaussian import q_sample
 from ldm_jax.diffusion.generate import check_sampling_options, make_sample_fn, sample_each
 from ldm_jax.diffusion.samplers import img2img_timestep
 from ldm_jax.models.latent_diffusion import LatentDiffusionModel
-from ldm_jax.training import ldm as L
-from ldm_jax.training.checkpoint import Checkpointer
 
 SPATIAL_TYPES = ("lowres", "inpaint", "semantic")
 GRID_MAX = 100  # grid.png shows at most this many samples
@@ -41,19 +40,6 @@ SETTINGS_FILE = "sampling.json"
 # Compiled samplers per (model identity, settings), shared by LoadedLDM objects of the same checkpoint, so a
 # process that loads a workdir again (a resumed sample.py main, a notebook) does not compile again.
 _GENERATORS: dict[tuple, Callable] = {}
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config.json of a stage-2 workdir (one-line errors for a missing dir/file or a stage-1 workdir)."""
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"--workdir: no such directory: {workdir}")
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--workdir: {workdir} has no config.json (not a training workdir)")
-    config = load_saved_config(path)
-    if config.get("stage") != "ldm":
-        raise ValueError(f"--workdir: {workdir} is not a latent diffusion run (its stage is {config.get('stage')!r})")
-    return config
 
 
 def real_classes(config: ml_collections.ConfigDict) -> int:
@@ -128,32 +114,6 @@ def default_prompts(config: ml_collections.ConfigDict) -> list[str]:
     return prompts
 
 
-def restore_ema(workdir: str) -> tuple[dict, float, int]:
-    """(EMA params, scale_factor, step) of the latest checkpoint, without reading the optimizer state."""
-    ckpt = Checkpointer(workdir, async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-        ckpt.close()
-        raise FileNotFoundError(f"--workdir: no checkpoint under {ckpt.directory}")
-    import orbax.checkpoint as ocp
-
-    path = os.path.join(ckpt.directory, str(step), "state")
-    try:  # partial restore: the optimizer state (2× the params for Adam) is never read
-        with ocp.PyTreeCheckpointer() as reader:
-            tree = reader.metadata(path)
-            tree = getattr(tree, "item_metadata", tree)
-            tree = getattr(tree, "tree", tree)
-            item = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype),
-                                {k: tree[k] for k in ("ema_params", "scale_factor", "step")})
-            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-            state = reader.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                                     partial_restore=True))
-    except Exception:  # another orbax layout: read everything
-        state, _ = ckpt.restore_raw(step)
-    ckpt.close()
-    return jax.tree.map(np.asarray, state["ema_params"]), float(np.asarray(state["scale_factor"])), int(step)
-
-
 def load_text_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Any:
     """The model's tokenizer: condition.tokenizer 'bert' (WordPiece, default) or 'clip' (BPE, converted SD
     models); from condition.vocab_path, else WORKDIR/tokenizer."""
@@ -169,7 +129,7 @@ class LoadedLDM:
 
     config: ml_collections.ConfigDict
     model: LatentDiffusionModel
-    first_stage: L.FirstStage
+    first_stage: W.FirstStage
     params: dict
     scale_factor: float
     sched: DiffusionSchedule
@@ -181,14 +141,14 @@ class LoadedLDM:
     @classmethod
     def load(cls, workdir: str, first_stage_workdir: str | None = None) -> LoadedLDM:
         """Reads config.json, the latest checkpoint's EMA params and scale_factor, the first stage, the tokenizer."""
-        config = read_config(workdir)
-        fs = L.load_first_stage(L.resolve_first_stage(workdir, config, first_stage_workdir))
+        config = W.read_config(workdir, "ldm")
+        fs = W.load_first_stage(W.resolve_first_stage(workdir, config, first_stage_workdir))
         tokenizer = None
         if config.condition.type == "text":
             tokenizer = load_text_tokenizer(config, workdir)
-        params, scale, step = restore_ema(workdir)
-        model = L.build_model(config, fs)
-        return cls(config, model, fs, params, scale, L.make_schedule(config), step, workdir, tokenizer)
+        params, scale, step = W.restore_ema(workdir)
+        model = W.build_model(config, fs)
+        return cls(config, model, fs, params, scale, W.make_schedule(config), step, workdir, tokenizer)
 
     @property
     def resolution(self) -> int:
@@ -289,9 +249,9 @@ class LoadedLDM:
                 images = spatial["image"]
                 if ctype == "inpaint":
                     h, w = images.shape[1:3]
-                    mask = jax.vmap(lambda k: L.random_box_masks(jax.random.fold_in(k, 1), 1, h, w)[0])(keys)
-                sc = L.spatial_condition(cfg, fs, fs_vars, images, scale, None, inpaint_mask=mask,
-                                         segmentation=spatial.get("segmentation"))
+                    mask = jax.vmap(lambda k: conditions.random_box_masks(jax.random.fold_in(k, 1), 1, h, w)[0])(keys)
+                sc = conditions.spatial_condition(cfg, fs, fs_vars, images, scale, None, inpaint_mask=mask,
+                                                  segmentation=spatial.get("segmentation"))
                 sc.pop("mask", None)
                 cond = {**cond, **sc}
             if init is not None:  # img2img: the encoded image (posterior mean) noised to the strength's timestep
@@ -299,7 +259,7 @@ class LoadedLDM:
                     x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 2), latent))(keys)
                 z0 = fs.encode(fs_vars, init) * scale
                 x_T = q_sample(self.sched, z0, jnp.full((len(indices),), t_noise, jnp.int32), x_T)
-            uncond = L.null_condition(cfg, cond, null_tokens) if guided else None
+            uncond = conditions.null_condition(cfg, cond, null_tokens) if guided else None
             z = sample_each(sample, params, cond, uncond, sample_keys, latent, x_T, **extra)
             x = jnp.clip(fs.decode(fs_vars, z / scale), -1.0, 1.0)
             if mask is not None:  # keep the known pixels exactly, as the reference inpainting script

@@ -141,7 +141,7 @@ circle (slerp keeps the norm a Gaussian sample would have) walks through images.
 code("""
 from ldm_jax.data.text import NULL_TEXT
 from ldm_jax.diffusion.generate import make_sample_fn
-from ldm_jax.training.ldm import null_condition
+from ldm_jax.conditions import null_condition
 
 
 def conditions(n, labels=None):

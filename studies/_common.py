@@ -91,10 +91,10 @@ def sample_rows_png(rows: list[np.ndarray], labels: list[str], path: str) -> Non
 def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, num_steps: int) -> dict[str, float]:
     """num_steps of the library's stage-1 step (batch config.train.batch_size) from scratch; saves WORKDIR as the
     train loop does (config.json + checkpoint). Reuses a finished workdir (same config) instead of retraining."""
+    from ldm_jax.checkpoint import Checkpointer
     from ldm_jax.data.pipeline import make_dataset
     from ldm_jax.training import autoencoder as ae
-    from ldm_jax.training import common
-    from ldm_jax.training.checkpoint import Checkpointer
+    from ldm_jax.workdir import save_config
 
     config.train.num_steps = num_steps
     info_path = os.path.join(workdir, "train_info.json")
@@ -134,7 +134,7 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, num_steps
     ckpt.save(num_steps, saved,
               {"config": config.to_dict(), "data": {"step": num_steps}}, force=True)
     ckpt.close()
-    common.save_config(config, workdir)
+    save_config(config, workdir)
     info = {"steps": num_steps, "train_seconds": seconds, "compile_seconds": t_compiled - t0,
             "steps_per_s": (num_steps - 1) / max(seconds, 1e-9), "final_rec_l1": float(m["rec_l1"]),
             "config": json.loads(config.to_json_best_effort())}
@@ -171,7 +171,7 @@ def identity_first_stage(resolution: int, channels: int):
     """A parameter-free first stage (f = 1): LDM-1 diffuses pixels, as a pixel-space DDPM."""
     import flax.linen as nn
 
-    from ldm_jax.training.ldm import FirstStage
+    from ldm_jax.workdir import FirstStage
 
     class Identity(nn.Module):
         def encode_latent(self, x, key=None):
@@ -207,11 +207,12 @@ def ldm_config(first_stage, batch_size: int = 64) -> ml_collections.ConfigDict:
 def train_ldm_for(config: ml_collections.ConfigDict, first_stage, seconds: float, max_steps: int = 10**9):
     """Trains the library's stage-2 step for `seconds` of wall-clock (compilation excluded); returns a
     ready-to-sample inference.LoadedLDM on the EMA weights and a dict of training numbers."""
+    from ldm_jax import workdir as W
     from ldm_jax.data.pipeline import make_dataset
     from ldm_jax.inference import LoadedLDM
     from ldm_jax.training import ldm as L
 
-    model, sched, tx = L.build_model(config, first_stage), L.make_schedule(config), L.make_optimizer(config)
+    model, sched, tx = W.build_model(config, first_stage), W.make_schedule(config), L.make_optimizer(config)
     ds = make_dataset(config.data, "train", config.train.batch_size, config.seed)
     first = ds.batch_at(0)
     scale = float(config.first_stage.scale_factor)

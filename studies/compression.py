@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ldm_jax.evaluate_workdir import evaluate_ldm, real_stats
     from ldm_jax.evaluation.classifier import get_or_train_classifier
     from ldm_jax.evaluation.evaluate import MAX_RESERVOIR, make_feature_extractor
-    from ldm_jax.training.ldm import load_first_stage
+    from ldm_jax.workdir import load_first_stage
 
     t0 = time.time()
     extractor = make_feature_extractor("fmnist")

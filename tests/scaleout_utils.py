@@ -102,9 +102,9 @@ def write_stage1_workdir(workdir: str, config: ml_collections.ConfigDict, state:
     """A stage-1 workdir as train_autoencoder leaves it (config.json + Orbax checkpoint), without training.
 
     `state`: an AEState-like pytree with params/model_state; default: random numpy params, no compile needed."""
+    from ldm_jax.checkpoint import Checkpointer
     from ldm_jax.models.autoencoder import build_autoencoder
-    from ldm_jax.training.checkpoint import Checkpointer
-    from ldm_jax.training.common import save_config
+    from ldm_jax.workdir import save_config
 
     if state is None:
         model = build_autoencoder(config.model)
@@ -213,7 +213,7 @@ def logged_metric(proc: subprocess.Popen, name: str) -> dict[int, float]:
 
 def restore_host(workdir: str, step: int | None = None) -> tuple[Any, dict]:
     """The state (numpy) + meta of a workdir's checkpoint, whatever topology wrote it."""
-    from ldm_jax.training.checkpoint import Checkpointer
+    from ldm_jax.checkpoint import Checkpointer
 
     ckpt = Checkpointer(workdir, async_save=False)
     try:

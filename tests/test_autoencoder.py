@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
+from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.losses import autoencoder as ae_losses
 from ldm_jax.models.autoencoder import DiagonalGaussian, build_autoencoder
 from ldm_jax.models.quantizer import VectorQuantizer
-from ldm_jax.training.checkpoint import Checkpointer
 
 
 def tiny_cfg(type_="kl", ch_mult=(1, 2), **kw):

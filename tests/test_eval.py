@@ -10,15 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ldm_jax import workdir as W
+from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.config_defaults import autoencoder_config, ldm_config
 from ldm_jax.data.pipeline import default_data_config, make_dataset
 from ldm_jax.evaluation import classifier as cls
 from ldm_jax.evaluation import evaluate as E
 from ldm_jax.evaluation.frechet import FeatureStats, frechet_distance
 from ldm_jax.models.autoencoder import build_autoencoder
-from ldm_jax.training import common
 from ldm_jax.training import ldm as L
-from ldm_jax.training.checkpoint import Checkpointer
+from ldm_jax.workdir import save_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES, BATCH = 32, 8  # 32x32x1: what the Fashion-MNIST judge reads
@@ -65,7 +66,7 @@ def ae_dir(tmp_path_factory):
     ckpt = Checkpointer(d, async_save=False)
     ckpt.save(1, {"params": {"model": variables["params"]}}, {"config": c.to_dict()}, force=True)
     ckpt.close()
-    common.save_config(c, d)
+    save_config(c, d)
     return d
 
 
@@ -83,8 +84,8 @@ def ldm_dir(ae_dir, tmp_path_factory):
                         attention_resolutions=(1,), num_head_channels=32)
     c.train.update(batch_size=BATCH, base_lr=1e-3, scale_lr=False, ema_decay=0.9, warmup_steps=0)
     c.sampling.update(steps=3, guidance=2.0)
-    fs = L.load_first_stage(ae_dir)
-    model, tx = L.build_model(c, fs), L.make_optimizer(c)
+    fs = W.load_first_stage(ae_dir)
+    model, tx = W.build_model(c, fs), L.make_optimizer(c)
     params = fast_init(model.init, jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32),
                        {"label": jnp.zeros((1,), jnp.int32)})["params"]
     state = L.LDMState(step=jnp.asarray(2, jnp.int32), params=params, ema_params=params, opt_state=tx.init(params),
@@ -93,7 +94,7 @@ def ldm_dir(ae_dir, tmp_path_factory):
     ckpt = Checkpointer(d, async_save=False)
     ckpt.save(2, state, {"config": c.to_dict(), "data": {"step": 2}}, force=True)
     ckpt.close()
-    common.save_config(c, d)
+    save_config(c, d)
     return d
 
 

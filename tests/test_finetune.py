@@ -89,6 +89,7 @@ def _finetune_config(init_from: str, data: str, **train):
 
 
 def test_first_step_loss_matches_diffusers_and_freezing(converted):
+    from ldm_jax import workdir as W
     from ldm_jax.data.pipeline import make_dataset
     from ldm_jax.data.text import NULL_TEXT, TextEncoder, load_tokenizer, tokenize
     from ldm_jax.training import ldm as L
@@ -99,8 +100,8 @@ def test_first_step_loss_matches_diffusers_and_freezing(converted):
     assert cfg.condition.tokenizer == "clip" and cfg.first_stage.scale_factor == pytest.approx(0.18215)
     want = "v" if tm["sched"].config.prediction_type == "v_prediction" else "eps"
     assert cfg.diffusion.parameterization == want and cfg.condition.p_uncond == 0.0  # the run's, not the source's
-    fs = L.load_first_stage(cfg.first_stage.workdir)
-    model, sched, tx = L.build_model(cfg, fs), L.make_schedule(cfg), L.make_optimizer(cfg)
+    fs = W.load_first_stage(cfg.first_stage.workdir)
+    model, sched, tx = W.build_model(cfg, fs), W.make_schedule(cfg), L.make_optimizer(cfg)
     raw, ema, scale = load_init_weights(ldm_dir)
     state = L.LDMState(step=jnp.zeros((), jnp.int32), params=raw, ema_params=ema, opt_state=tx.init(raw),
                        scale_factor=jnp.float32(scale), skipped=jnp.zeros((), jnp.int32))
@@ -140,11 +141,12 @@ def test_first_step_loss_matches_diffusers_and_freezing(converted):
 def test_finetune_end_to_end(converted, tmp_path):
     """train.py with init_from: a new run from the converted weights; the loss on a fixed batch falls; the VAE and
     text encoder are unchanged; sample.py --prompt works on the result; the run resumes."""
-    from ldm_jax.inference import LoadedLDM, restore_ema
-    from ldm_jax.training import ldm as L
-    from ldm_jax.training.checkpoint import Checkpointer
+    from ldm_jax import workdir as W
+    from ldm_jax.checkpoint import Checkpointer
+    from ldm_jax.inference import LoadedLDM
     from ldm_jax.training.init_from import load_init_weights
     from ldm_jax.training.train_ldm import train_and_evaluate
+    from ldm_jax.workdir import restore_ema
     from sample import main as sample_main
 
     ldm_dir, tm, images = converted
@@ -161,8 +163,8 @@ def test_finetune_end_to_end(converted, tmp_path):
     ckpt.close()
     raw0, ema0, _ = load_init_weights(ldm_dir)
     np.testing.assert_equal(jax.tree.map(np.asarray, state["params"]["cond_encoder"]), raw0["cond_encoder"])
-    fs_before = L.load_first_stage(os.path.join(os.path.dirname(ldm_dir), "autoencoder")).variables
-    fs_after = L.load_first_stage(json.load(open(os.path.join(workdir, "config.json")))["first_stage"]["workdir"])
+    fs_before = W.load_first_stage(os.path.join(os.path.dirname(ldm_dir), "autoencoder")).variables
+    fs_after = W.load_first_stage(json.load(open(os.path.join(workdir, "config.json")))["first_stage"]["workdir"])
     jax.tree.map(np.testing.assert_array_equal, fs_before, fs_after.variables)
 
     # The loss on one fixed batch, timesteps and noise: lower with the fine-tuned raw weights than before.

@@ -13,8 +13,8 @@ import pytest
 import scaleout_utils as su
 from test_errors import raises_before_compile
 
+from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.training import train_autoencoder
-from ldm_jax.training.checkpoint import Checkpointer
 from ldm_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
 
 HOLD = textwrap.dedent("""

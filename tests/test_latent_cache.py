@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from scaleout_utils import FAST_COMPILE, REPO, tiny_ae_config, tiny_ldm_config, write_stage1_workdir  # noqa: E402
 
+from ldm_jax import workdir as W
 from ldm_jax.cache_latents import cache_latents  # noqa: E402
 from ldm_jax.data.pipeline import make_dataset  # noqa: E402
 from ldm_jax.training import ldm as L  # noqa: E402
@@ -38,7 +39,7 @@ def test_cache_contents(cache):
     assert info["views"] == 2 and info["first_stage_step"] == 1
     moments = np.load(os.path.join(out, "train", "moments.npy"), mmap_mode="r")
     assert moments.shape == (40, 2, 8, 8, 8)  # KL: mean and log-variance of the 4 latent channels
-    fs = L.load_first_stage(cfg.first_stage.workdir)
+    fs = W.load_first_stage(cfg.first_stage.workdir)
     data = cfg.data.copy_and_resolve_references()
     data.shuffle = False
     images = make_dataset(data, "train", 40, 0, augment=False).batch_at(0)["image"]
@@ -49,12 +50,12 @@ def test_cache_contents(cache):
 
 def test_step_from_cache_equals_step_encoding_images(cache):
     cfg, out, _ = cache
-    fs = L.load_first_stage(cfg.first_stage.workdir)
+    fs = W.load_first_stage(cfg.first_stage.workdir)
     lat_cfg = cfg.copy_and_resolve_references()
     lat_cfg.data.latents = out
     from_images = make_dataset(cfg.data, "train", 8, cfg.seed)
     from_cache = make_dataset(lat_cfg.data, "train", 8, cfg.seed)
-    model, tx, sched = L.build_model(cfg, fs), L.make_optimizer(cfg), L.make_schedule(cfg)
+    model, tx, sched = W.build_model(cfg, fs), L.make_optimizer(cfg), W.make_schedule(cfg)
     step_fn, compiled = jax.jit(L.make_train_step(cfg, model, fs, tx, sched)), {}
 
     def step(state, batch, *args):  # one fast-compiled program per batch layout (images, moments)
@@ -88,7 +89,7 @@ def test_step_from_cache_equals_step_encoding_images(cache):
 
 def test_cache_mismatch_refused(cache, tmp_path):
     cfg, out, info = cache
-    fs = L.load_first_stage(cfg.first_stage.workdir)
+    fs = W.load_first_stage(cfg.first_stage.workdir)
     bad = cfg.copy_and_resolve_references()
     bad.data.resolution = 8
     with pytest.raises(ValueError, match="data.resolution=8 but the latent cache was made with 16"):
@@ -96,7 +97,7 @@ def test_cache_mismatch_refused(cache, tmp_path):
     other = str(tmp_path / "ae2")
     write_stage1_workdir(other, tiny_ae_config(), step=3)
     with pytest.raises(ValueError, match="re-run python -m ldm_jax.cache_latents"):
-        L.check_latent_cache(info, cfg, L.load_first_stage(other))
+        L.check_latent_cache(info, cfg, W.load_first_stage(other))
     spatial = cfg.copy_and_resolve_references()
     spatial.condition.type = "lowres"
     with pytest.raises(ValueError, match="needs the images"):
@@ -128,10 +129,10 @@ def test_train_from_cache_end_to_end(cache, tmp_path):
     results = train_and_evaluate(run, str(tmp_path / "ldm"))
     assert np.isfinite(results["final_loss"]) and results["grid_samples"] == 20
     assert results["train_steps_per_s"] > 0  # the loop's own timing (benchmarks' loop case)
-    fs = L.load_first_stage(cfg.first_stage.workdir)
+    fs = W.load_first_stage(cfg.first_stage.workdir)
     images = make_dataset(cfg.data, "train", 8, cfg.seed).batch_at(0)["image"]
     want = L.first_batch_scale(fs, images, scale_key(run))
-    from ldm_jax.training.checkpoint import Checkpointer
+    from ldm_jax.checkpoint import Checkpointer
 
     ckpt = Checkpointer(str(tmp_path / "ldm"), async_save=False)
     state, _ = ckpt.restore_raw()

@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldm_jax import conditions
+from ldm_jax import workdir as W
+from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.config_defaults import autoencoder_config, ldm_config
 from ldm_jax.data.pipeline import make_dataset
 from ldm_jax.diffusion import ddim_sample, diffusion_loss
 from ldm_jax.diffusion.generate import make_sample_fn
 from ldm_jax.models.autoencoder import build_autoencoder
-from ldm_jax.training import common
 from ldm_jax.training import ldm as L
-from ldm_jax.training.checkpoint import Checkpointer
+from ldm_jax.workdir import save_config
 
 RES, BATCH, STEPS = 16, 16, 40
 
@@ -44,7 +46,7 @@ def ae_dir(tmp_path_factory):
     ckpt = Checkpointer(d, async_save=False)
     ckpt.save(1, {"params": {"model": variables["params"]}}, {"config": c.to_dict()}, force=True)
     ckpt.close()
-    common.save_config(c, d)
+    save_config(c, d)
     return d
 
 
@@ -70,8 +72,8 @@ def tiny_config(ae_dir: str, ctype: str = "class"):
 def trained(ae_dir):
     """STEPS jitted train steps of a tiny class-conditional model; the first batch sets scale_by_std."""
     cfg = tiny_config(ae_dir)
-    fs = L.load_first_stage(ae_dir)
-    model, sched, tx = L.build_model(cfg, fs), L.make_schedule(cfg), L.make_optimizer(cfg)
+    fs = W.load_first_stage(ae_dir)
+    model, sched, tx = W.build_model(cfg, fs), W.make_schedule(cfg), L.make_optimizer(cfg)
     ds = make_dataset(cfg.data, "train", BATCH, cfg.seed)
     first = ds.batch_at(0)
     scale = L.first_batch_scale(fs, first["image"], None)
@@ -168,7 +170,7 @@ def test_guidance_scale_one_is_the_conditional_prediction(trained):
     # The trained network: guided prediction (scale traced) == conditional at 1, unconditional at 0.
     cfg, model, params = trained["cfg"], trained["model"], trained["state"].params
     cond = {"label": jnp.asarray([1, 7], jnp.int32)}
-    uncond = L.null_condition(cfg, cond, None)
+    uncond = conditions.null_condition(cfg, cond, None)
     assert np.all(np.asarray(uncond["label"]) == 10)
     x, t = jax.random.normal(jax.random.key(4), (2, 8, 8, 3)), jnp.asarray([900, 300], jnp.int32)
 
@@ -186,9 +188,10 @@ def test_guidance_scale_one_is_the_conditional_prediction(trained):
 
 def test_inpainting_concat_channels_and_mask(ae_dir):
     cfg = tiny_config(ae_dir, "inpaint")
-    fs = L.load_first_stage(ae_dir)
+    fs = W.load_first_stage(ae_dir)
     images = jnp.asarray(make_dataset(cfg.data, "test", 4, 0).batch_at(0)["image"])
-    out = jax.jit(lambda v, x: L.spatial_condition(cfg, fs, v, x, 0.5, jax.random.key(5)))(fs.variables, images)
+    out = jax.jit(lambda v, x: conditions.spatial_condition(cfg, fs, v, x, 0.5, jax.random.key(5)))(fs.variables,
+                                                                                                    images)
     mask, concat = np.asarray(out["mask"]), np.asarray(out["concat"])
     assert concat.shape == (4, 8, 8, fs.latent_channels + 1)
     frac = mask.mean(axis=(1, 2, 3))
@@ -199,7 +202,7 @@ def test_inpainting_concat_channels_and_mask(ae_dir):
     expect = np.asarray(jax.jit(fs.encode)(fs.variables, jnp.asarray(masked))) * 0.5
     np.testing.assert_allclose(concat[..., :-1], expect, atol=1e-5)
     np.testing.assert_array_equal(concat[..., -1], mask[:, 1::2, 1::2, 0])  # nearest, half-pixel centres
-    model = L.build_model(cfg, fs)  # unet.in_channels 7 = 3 latent + 3 masked-image latents + 1 mask
+    model = W.build_model(cfg, fs)  # unet.in_channels 7 = 3 latent + 3 masked-image latents + 1 mask
     assert model.unet_kwargs["in_channels"] == 2 * fs.latent_channels + 1
 
 
@@ -207,12 +210,12 @@ def test_inpainting_samples_keep_known_pixels_and_depend_only_on_their_index(ae_
     from ldm_jax.inference import LoadedLDM
 
     cfg = tiny_config(ae_dir, "inpaint")
-    fs = L.load_first_stage(ae_dir)
-    model = L.build_model(cfg, fs)
+    fs = W.load_first_stage(ae_dir)
+    model = W.build_model(cfg, fs)
     x, t, c = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32), {"concat": jnp.zeros((1, 8, 8, 4))}
     params = jax.jit(model.init)(jax.random.key(0), x, t, c)["params"]
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)  # non-zero out
-    ldm = LoadedLDM(cfg, model, fs, params, 1.3, L.make_schedule(cfg), 0, ae_dir)
+    ldm = LoadedLDM(cfg, model, fs, params, 1.3, W.make_schedule(cfg), 0, ae_dir)
     a = ldm.sample([2, 3], steps=2, seed=4)
     b = ldm.sample([3, 2], steps=2, seed=4)
     # Sample i is a function of (seed, i), not of its slot (even with rbg as the default PRNG here).
@@ -220,8 +223,8 @@ def test_inpainting_samples_keep_known_pixels_and_depend_only_on_their_index(ae_
     images = ldm.conditions(np.asarray([2, 3]))[1]["image"]
     # Sample i's box comes from fold_in(fold_in(key(seed), i), 1): outside it the test image is kept exactly.
     base = jax.random.key(4, impl="threefry2x32")
-    masks = np.stack([np.asarray(L.random_box_masks(jax.random.fold_in(jax.random.fold_in(base, i), 1),
-                                                    1, RES, RES))[0] for i in (2, 3)])
+    masks = np.stack([np.asarray(conditions.random_box_masks(jax.random.fold_in(jax.random.fold_in(base, i), 1),
+                                                             1, RES, RES))[0] for i in (2, 3)])
     assert not np.array_equal(masks[0], masks[1])
     np.testing.assert_array_equal(a[masks == 0], images[masks == 0])
     assert np.abs(a - images)[masks == 1].max() > 0.05  # inside: the model's pixels
@@ -229,15 +232,16 @@ def test_inpainting_samples_keep_known_pixels_and_depend_only_on_their_index(ae_
 
 def test_lowres_latent_mode_and_semantic(ae_dir):
     cfg = tiny_config(ae_dir, "none")
-    fs = L.load_first_stage(ae_dir)
+    fs = W.load_first_stage(ae_dir)
     images = jnp.asarray(make_dataset(cfg.data, "test", 2, 0).batch_at(0)["image"])
     cfg.condition.update(type="lowres", sr_factor=2, lowres_mode="latent")
-    c = jax.jit(lambda v, x: L.spatial_condition(cfg, fs, v, x, 2.0, None)["concat"])(fs.variables, images)
+    c = jax.jit(lambda v, x: conditions.spatial_condition(cfg, fs, v, x, 2.0, None)["concat"])(fs.variables, images)
     low = jax.image.resize(images, (2, 8, 8, 1), "linear", antialias=True)
     up = jax.image.resize(low, images.shape, "linear")
     np.testing.assert_allclose(np.asarray(c), 2.0 * np.asarray(jax.jit(fs.encode)(fs.variables, up)), atol=1e-5)
     cfg.condition.lowres_mode = "pixels"
-    np.testing.assert_allclose(np.asarray(L.spatial_condition(cfg, fs, fs.variables, images, 2.0, None)["concat"]),
+    concat = conditions.spatial_condition(cfg, fs, fs.variables, images, 2.0, None)["concat"]
+    np.testing.assert_allclose(np.asarray(concat),
                                np.asarray(low), atol=1e-6)
 
     # semantic: int ids -> one-hot -> 1 bilinear halving (16 -> 8) -> 1×1 conv to 2 channels, concatenated.
@@ -245,9 +249,9 @@ def test_lowres_latent_mode_and_semantic(ae_dir):
     cfg.model.update(conditioning_key="concat", concat_in_channels=5, concat_channels=2, concat_rescale_stages=1)
     cfg.model.unet.in_channels = 5
     ids = jax.random.randint(jax.random.key(1), (2, RES, RES), 0, 5)
-    seg = L.spatial_condition(cfg, fs, fs.variables, images, 1.0, None, segmentation=ids)["concat"]
+    seg = conditions.spatial_condition(cfg, fs, fs.variables, images, 1.0, None, segmentation=ids)["concat"]
     np.testing.assert_array_equal(np.asarray(seg), np.eye(5)[np.asarray(ids)])
-    model = L.build_model(cfg, fs)
+    model = W.build_model(cfg, fs)
     x, t = jnp.zeros((2, 8, 8, 3)), jnp.zeros((2,), jnp.int32)
     variables = jax.jit(model.init)(jax.random.key(0), x, t, {"concat": seg})
     kernel = np.asarray(variables["params"]["rescaler"]["channel_mapper"]["kernel"])[0, 0]
@@ -256,7 +260,7 @@ def test_lowres_latent_mode_and_semantic(ae_dir):
     half = 0.25 * (s[:, ::2, ::2] + s[:, 1::2, ::2] + s[:, ::2, 1::2] + s[:, 1::2, 1::2])  # torch bilinear ×0.5
     np.testing.assert_allclose(got, half @ kernel, atol=1e-5)
     with pytest.raises(ValueError, match="segmentation"):
-        L.spatial_condition(cfg, fs, fs.variables, images, 1.0, None)
+        conditions.spatial_condition(cfg, fs, fs.variables, images, 1.0, None)
 
 
 # --- sample.py ---
@@ -269,7 +273,7 @@ def ldm_dir(trained, tmp_path_factory):
     ckpt = Checkpointer(d, async_save=False)
     ckpt.save(STEPS, trained["state"], {"config": trained["cfg"].to_dict(), "data": {"step": STEPS}}, force=True)
     ckpt.close()
-    common.save_config(trained["cfg"], d)
+    save_config(trained["cfg"], d)
     return d
 
 
@@ -320,7 +324,7 @@ def test_sample_py_defaults_come_from_the_config(ldm_dir, tmp_path, capsys, monk
             return {"written": n, "skipped": 0, "samples_per_s": 1.0}
 
     monkeypatch.setattr(inference.LoadedLDM, "load", lambda *a, **k: Fake())
-    sc = inference.read_config(ldm_dir).sampling
+    sc = W.read_config(ldm_dir).sampling
     code, _, err = _run(["--workdir", ldm_dir, "--out", str(tmp_path / "o")], capsys)
     assert code == 0, err
     assert (seen["sampler"], seen["steps"], seen["eta"], seen["guidance"]) == (sc.sampler, sc.steps, sc.eta,

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.config_defaults import autoencoder_config, ldm_config
 from ldm_jax.models.autoencoder import build_autoencoder
-from ldm_jax.training import common
-from ldm_jax.training.checkpoint import Checkpointer
+from ldm_jax.workdir import save_config
 
 RES, CLASSES = 16, ("apple", "boat", "cloud")
 
@@ -54,7 +54,7 @@ def ae_dir(tmp_path_factory):
     ckpt = Checkpointer(d, async_save=False)
     ckpt.save(1, {"params": {"model": variables["params"]}}, {"config": c.to_dict()}, force=True)
     ckpt.close()
-    common.save_config(c, d)
+    save_config(c, d)
     return d
 
 
@@ -181,9 +181,9 @@ def test_init_noise_and_img2img(text_run, folder, tmp_path, capsys):
 def test_init_from_our_own_text_run(text_run, ae_dir, folder, tmp_path):
     """init_from works for our own stage-2 workdirs: the new run takes the source's model, tokenizer and weights
     and starts at step 0 (its first EMA is 0.1 × source EMA + 0.9 × the first update, the warm-up decay)."""
-    from ldm_jax.inference import restore_ema
     from ldm_jax.training.init_from import load_init_weights
     from ldm_jax.training.train_ldm import train_and_evaluate
+    from ldm_jax.workdir import restore_ema
 
     cfg = _config(ae_dir, folder, "class")  # the run's own model fields are replaced by the source's
     cfg.init_from = text_run

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import scaleout_utils as su
 
-from ldm_jax.training.checkpoint import Checkpointer
+from ldm_jax.checkpoint import Checkpointer
 
 LONG = dict(su.REF_OVERRIDES, **{"train.num_steps": 1000})  # same training, never reaches its end by itself
 # The first and last legs assemble batches in grain worker processes, the reference and the SIGTERM leg in one

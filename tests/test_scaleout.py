@@ -17,11 +17,12 @@ import pytest
 import scaleout_utils as su
 from scaleout_utils import FAST_COMPILE
 
+from ldm_jax import workdir as W
+from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data.pipeline import make_dataset
 from ldm_jax.training import autoencoder as ae_lib
 from ldm_jax.training import ldm as L
 from ldm_jax.training import mesh as mesh_lib
-from ldm_jax.training.checkpoint import Checkpointer
 from ldm_jax.training.common import compile_step, replicate_to
 
 MESHES = {"1 device": (1, 1, 1), "data=8": (8, 1, 8), "data=2,fsdp=4": (2, 4, 8)}  # data, fsdp, devices
@@ -176,9 +177,9 @@ def test_restore_onto_fewer_devices_is_bit_identical(ae, tmp_path):
 def ldm(tmp_path_factory):
     fs_dir = str(tmp_path_factory.mktemp("stage1"))
     su.write_stage1_workdir(fs_dir, su.tiny_ae_config())
-    fs = L.load_first_stage(fs_dir)
+    fs = W.load_first_stage(fs_dir)
     cfg = su.tiny_ldm_config(fs_dir)
-    model, sched, tx = L.build_model(cfg, fs), L.make_schedule(cfg), L.make_optimizer(cfg)
+    model, sched, tx = W.build_model(cfg, fs), W.make_schedule(cfg), L.make_optimizer(cfg)
     latent_shape = (su.RES // fs.factor, su.RES // fs.factor, fs.latent_channels)
     init_fn = lambda key: L.init_state(cfg, model, tx, key, latent_shape, {}, 1.0)  # noqa: E731
     key = jax.random.key(cfg.seed)
@@ -254,7 +255,7 @@ def test_grad_accumulation_with_remat_equals_mean_gradient_update(ldm, micro):
     noise and timesteps from its step number, so B/2 + B/2 is by design not the same draw as one batch of B.)"""
     fs, host0, halves = ldm["fs"], ldm["host0"], micro["halves"]
     cfg = su.tiny_ldm_config(ldm["fs_dir"], **{"train.grad_accum": 2, "model.unet.remat_policy": "dots_saveable"})
-    model_acc, tx_acc = L.build_model(cfg, fs), L.make_optimizer(cfg)
+    model_acc, tx_acc = W.build_model(cfg, fs), L.make_optimizer(cfg)
     assert isinstance(tx_acc, optax.MultiSteps)
     acc_fn = L.make_train_step(cfg, model_acc, fs, tx_acc, ldm["sched"])
     s0 = _fresh_state(host0, tx_acc)
@@ -278,7 +279,7 @@ def test_bfloat16_compute_keeps_float32_params(ldm):
     the same as) the float32 step's on the same batch and noise."""
     fs, host0 = ldm["fs"], ldm["host0"]
     cfg = su.tiny_ldm_config(ldm["fs_dir"], **{"model.dtype": "bfloat16"})
-    model, tx = L.build_model(cfg, fs), L.make_optimizer(cfg)
+    model, tx = W.build_model(cfg, fs), L.make_optimizer(cfg)
     step_fn = L.make_train_step(cfg, model, fs, tx, ldm["sched"])
     state = _fresh_state(host0, tx)
     batch = {"image": jnp.asarray(ldm["batch"]["image"])}
@@ -344,7 +345,7 @@ def test_two_process_scale_by_std_uses_the_global_batch(tmp_path):
     from ldm_jax.training.train_ldm import scale_key
 
     cfg = su.tiny_ldm_config(fs_dir, **{"first_stage.scale_by_std": True})
-    fs = L.load_first_stage(fs_dir)
+    fs = W.load_first_stage(fs_dir)
     images = make_dataset(cfg.data, "train", cfg.train.batch_size, cfg.seed).batch_at(0)["image"]
     want = L.first_batch_scale(fs, images, scale_key(cfg))
     assert got[0] == got[1] == pytest.approx(want, rel=1e-4)

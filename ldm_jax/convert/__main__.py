@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale-factor", type=float, default=None, help="latent scale (default: from the source)")
     p.add_argument("--resolution", type=int, default=None, help="image size sampled by default")
     p.add_argument("--parameterization", default=None, choices=("eps", "v", "x0"))
-    p.add_argument("--trainable", action="store_true", help="also write optimizer state / non-EMA weights")
+    p.add_argument("--trainable", action="store_true",
+                   help="also keep the non-EMA UNet weights (fine-tuning starts from them)")
     return p.parse_args(argv)
 
 

@@ -1,9 +1,9 @@
 """Write a converted model as ordinary workdirs: OUT/autoencoder (stage 1) and OUT/ldm (stage 2 pointing to it),
 each with config.json and an Orbax checkpoint holding an `AEState` / `LDMState`, as the train loops write them.
 
-By default only what sampling reads is stored (params; for stage 2 the EMA params, scale_factor and step), with
-empty optimizer/discriminator entries. `trainable=True` stores complete states (fresh optimizer moments and
-discriminator, both EMA and non-EMA weights) so that `train.py` can fine-tune from them.
+Only weights are stored (stage 1: params; stage 2: EMA params, scale_factor and step), with empty optimizer and
+discriminator entries. `trainable=True` adds stage 2's non-EMA weights where the source has them, which
+fine-tuning (`init_from`) starts its raw weights from.
 """
 
 from __future__ import annotations
@@ -13,16 +13,14 @@ import os
 import shutil
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.config_defaults import ldm_config
 from ldm_jax.convert.autoencoder import model_config
 from ldm_jax.convert.sources import Converted, LDMParts
-from ldm_jax.training.checkpoint import Checkpointer
-from ldm_jax.training.common import save_config
+from ldm_jax.workdir import save_config
 
 AE_DIR, LDM_DIR = "autoencoder", "ldm"
 
@@ -78,27 +76,16 @@ def _check_empty(workdir: str) -> None:
 
 def write_workdirs(conv: Converted, out: str, trainable: bool = False, source: str = "") -> dict[str, str]:
     """Writes OUT/autoencoder and (with a UNet) OUT/ldm; returns {'autoencoder': path, 'ldm': path}."""
-    from ldm_jax.training import autoencoder as ae_train
-
     ae_dir, ldm_dir = os.path.join(out, AE_DIR), os.path.join(out, LDM_DIR)
     for d in (ae_dir, ldm_dir):
         _check_empty(d)
     extra = {"converted_from": {"source": source, "notes": conv.notes, **conv.report.summary()}}
-    zero = jnp.zeros((), jnp.int32)
     cfg = autoencoder_config(conv)
-    params = {"model": conv.ae_params, "logvar": np.asarray(cfg.loss.get("logvar_init", 0.0), np.float32)}
-    empty: dict = {}
-    if trainable:
-        _, disc, tx_g, tx_d = ae_train.build_models(cfg)
-        dvars = disc.init(jax.random.key(0), jnp.zeros((1, 64, 64, cfg.model.in_channels)), train=False)
-        state = ae_train.AEState(step=jnp.asarray(conv.step, jnp.int32), params=params, model_state={},
-                                 opt_state=tx_g.init(params), disc_params=dvars["params"],
-                                 disc_state={"batch_stats": dvars.get("batch_stats", {})},
-                                 disc_opt_state=tx_d.init(dvars["params"]), skipped=zero)
-    else:
-        state = ae_train.AEState(step=jnp.asarray(conv.step, jnp.int32), params=params, model_state=empty,
-                                 opt_state=empty, disc_params=empty, disc_state=empty, disc_opt_state=empty,
-                                 skipped=zero)
+    params = {"model": conv.ae_params, "logvar": np.asarray(cfg.loss.logvar_init, np.float32)}
+    # The fields of training/autoencoder.AEState; the training-only ones stay empty (nothing resumes a conversion:
+    # fine-tuning starts a new run from it, training/init_from.py).
+    state = {"step": _step(conv), "params": params, "model_state": {}, "opt_state": {}, "disc_params": {},
+             "disc_state": {}, "disc_opt_state": {}, "skipped": np.int32(0)}
     _save(ae_dir, cfg, state, conv.step, extra)
     written = {"autoencoder": ae_dir}
     if conv.ldm is not None:
@@ -108,20 +95,17 @@ def write_workdirs(conv: Converted, out: str, trainable: bool = False, source: s
     return written
 
 
-def _write_ldm(conv: Converted, ldm_dir: str, ae_dir: str, trainable: bool, extra: dict[str, Any]) -> str:
-    from ldm_jax.training.ldm import LDMState, make_optimizer
+def _step(conv: Converted) -> np.ndarray:
+    return np.asarray(conv.step, np.int32)
 
-    zero, empty = jnp.zeros((), jnp.int32), {}
+
+def _write_ldm(conv: Converted, ldm_dir: str, ae_dir: str, trainable: bool, extra: dict[str, Any]) -> str:
     parts = conv.ldm
     cfg2 = ldm_run_config(parts, conv.autoencoder, ae_dir)
-    if trainable:
-        raw = parts.raw_params if parts.raw_params is not None else parts.params
-        state2 = LDMState(step=jnp.asarray(conv.step, jnp.int32), params=raw, ema_params=parts.params,
-                          opt_state=make_optimizer(cfg2).init(raw), scale_factor=jnp.float32(parts.scale_factor),
-                          skipped=zero)
-    else:
-        state2 = LDMState(step=jnp.asarray(conv.step, jnp.int32), params=empty, ema_params=parts.params,
-                          opt_state=empty, scale_factor=jnp.float32(parts.scale_factor), skipped=zero)
+    # The fields of training/ldm.LDMState: the non-EMA weights only with `trainable` (init_from's raw start).
+    raw = parts.raw_params if trainable and parts.raw_params is not None else {}
+    state2 = {"step": _step(conv), "params": raw, "ema_params": parts.params, "opt_state": {},
+              "scale_factor": np.float32(parts.scale_factor), "skipped": np.int32(0)}
     _save(ldm_dir, cfg2, state2, conv.step, extra)
     if parts.tokenizer is not None:
         tok_dir = os.path.join(ldm_dir, "tokenizer")

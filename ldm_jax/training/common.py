@@ -36,16 +36,6 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     jax.distributed.initialize(**kwargs)
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    if jax.process_index() != 0:
-        return
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, ".config.json.tmp")
-    with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, os.path.join(workdir, "config.json"))
-
-
 def write_json(path: str, data: dict[str, Any]) -> None:
     """Atomic JSON write (process 0 only)."""
     if jax.process_index() != 0:

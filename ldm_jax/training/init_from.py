@@ -18,9 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ldm_jax.config_defaults import load_saved_config
-from ldm_jax.training.checkpoint import Checkpointer
-from ldm_jax.training.ldm import resolve_first_stage
+from ldm_jax.workdir import read_config, resolve_first_stage, restore_state
 
 # model fields that are choices of the run, not of the weights: kept from the fine-tuning config.
 _RUN_MODEL_FIELDS = ("dtype", "train_text_encoder")
@@ -30,23 +28,10 @@ _SOURCE_DIFFUSION_FIELDS = ("schedule", "num_timesteps", "linear_start", "linear
                             "zero_terminal_snr")
 
 
-def read_source_config(path: str) -> ml_collections.ConfigDict:
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"init_from: no such directory: {path}")
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"init_from: {path} has no config.json (a stage-2 workdir, e.g. OUT/ldm of "
-                                "python -m ldm_jax.convert)")
-    src = load_saved_config(cfg_path)
-    if src.get("stage") != "ldm":
-        raise ValueError(f"init_from: {path} holds a {src.get('stage')!r} run, not a latent diffusion (stage-2) run")
-    return src
-
-
 def apply_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Merges the source workdir's model, schedule, first stage and tokenizer into `config` (in place)."""
     path = config.init_from
-    src = read_source_config(path)
+    src = read_config(path, "ldm", "init_from", hint="a stage-2 workdir, e.g. OUT/ldm of python -m ldm_jax.convert")
     mine = config.model
     model = ml_collections.ConfigDict(src.model.to_dict())
     for k in _RUN_MODEL_FIELDS:
@@ -70,12 +55,7 @@ def apply_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 def load_init_weights(path: str) -> tuple[dict, dict, float]:
     """(raw params, EMA params, scale_factor) of the source's newest checkpoint, as numpy."""
-    ckpt = Checkpointer(path, async_save=False)
-    if ckpt.latest_step() is None:
-        ckpt.close()
-        raise FileNotFoundError(f"init_from: no checkpoint under {ckpt.directory}")
-    state, _ = ckpt.restore_raw()
-    ckpt.close()
+    state, _ = restore_state(path, "init_from")
     ema = state["ema_params"]
     raw = state.get("params") or ema  # a sampling-only conversion stores only the EMA weights
     to_np = lambda tree: jax.tree.map(np.asarray, tree)  # noqa: E731

@@ -20,11 +20,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.training import common
 from ldm_jax.training import mesh as mesh_lib
-from ldm_jax.training.checkpoint import Checkpointer
 from ldm_jax.training.validate import check_resume
 from ldm_jax.training.workdir_lock import WorkdirLock
+from ldm_jax.workdir import save_config
 
 
 @dataclasses.dataclass
@@ -87,7 +88,7 @@ class Run:
             if dataset is not None and "data" in meta and not self.config.train.allow_resume_changes:
                 dataset.restore(meta["data"])  # refuses another seed, batch size or data set size
             logging.info("restored checkpoint at step %d", int(state.step))
-        common.save_config(self.config, self.workdir)
+        save_config(self.config, self.workdir)
         self.writer = common.make_writer(self.workdir)
         return state
 

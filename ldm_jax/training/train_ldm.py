@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ldm_jax import conditions
+from ldm_jax import workdir as W
 from ldm_jax.data.images import make_grid, save_png, to_uint8
 from ldm_jax.data.pipeline import image_size, make_dataset, make_source
 from ldm_jax.data.text import TextEncoder, tokenize
@@ -124,7 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     check_train_config(config)
     with Run(config, workdir) as run:
         tc, mesh = config.train, run.mesh
-        fs = L.load_first_stage(config.first_stage.workdir)
+        fs = W.load_first_stage(config.first_stage.workdir)
         h, w = image_size(config.data)
         if h % fs.factor or w % fs.factor:
             raise ValueError(f"data.resolution/width {h}x{w} is not divisible by the stage-1 factor f={fs.factor}")
@@ -142,9 +144,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if config.condition.type == "text":
             _, text_fn, null_tokens = setup_text(config, workdir, source)
             config.sampling.prompts = tuple(grid_prompts(config, source))  # saved: sample.py's default prompts
-        model = L.build_model(config, fs)
+        model = W.build_model(config, fs)
         L.check_sampling(config)  # used after training: fail now, not hours later
-        sched = L.make_schedule(config)
+        sched = W.make_schedule(config)
         tx = L.make_optimizer(config)
         ds = make_dataset(config.data, "train", tc.batch_size, config.seed, jax.process_index(),
                           jax.process_count(), text_fn=text_fn, source=source)
@@ -157,8 +159,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             cond = {k: jnp.asarray(v[:1]) for k, v in first.items() if k not in ("image", "segmentation", "moments")}
             seg = jnp.asarray(first["segmentation"][:1]) if "segmentation" in first else None
             if "image" in first:
-                cond.update(L.spatial_condition(config, fs, fs.variables, jnp.asarray(first["image"][:1]), scale,
-                                                key, segmentation=seg))
+                cond.update(conditions.spatial_condition(config, fs, fs.variables, jnp.asarray(first["image"][:1]),
+                                                         scale, key, segmentation=seg))
             cond.pop("mask", None)
             return L.init_state(config, model, tx, key, latent_shape, cond, scale)
 
@@ -191,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return run.finish(out.state, results)
 
 
-def make_generator(config, model, sched, fs: L.FirstStage, latent_shape: tuple[int, int, int]):
+def make_generator(config, model, sched, fs: W.FirstStage, latent_shape: tuple[int, int, int]):
     """generate(params, fs_vars, cond, uncond, keys, scale) -> decoded images in [-1, 1], with the config's sampler;
     sample i depends only on keys[i] (and its condition)."""
     sc = config.sampling
@@ -207,7 +209,7 @@ def make_generator(config, model, sched, fs: L.FirstStage, latent_shape: tuple[i
     return generate
 
 
-def sample_grid(config, model, sched, fs: L.FirstStage, state: L.LDMState, null_tokens, text_fn,
+def sample_grid(config, model, sched, fs: W.FirstStage, state: L.LDMState, null_tokens, text_fn,
                 workdir: str) -> dict[str, Any]:
     """Guided samples with the EMA weights, written to samples.png: one row per class (at most 10) or per prompt,
     else 4 rows; for Fashion-MNIST models, the classifier's verdict on them (pairs: the full pair evaluation)."""
@@ -233,9 +235,9 @@ def sample_grid(config, model, sched, fs: L.FirstStage, state: L.LDMState, null_
         test_batch = make_dataset(config.data, "test", n, 0, augment=False).batch_at(0)
         images = jnp.asarray(test_batch["image"])
         seg = jnp.asarray(test_batch["segmentation"]) if "segmentation" in test_batch else None
-        cond.update(L.spatial_condition(config, fs, fs.variables, images, scale, jax.random.key(1),
-                                        segmentation=seg))
-        shown = L.condition_preview(config, images, cond, seg)
+        cond.update(conditions.spatial_condition(config, fs, fs.variables, images, scale, jax.random.key(1),
+                                                 segmentation=seg))
+        shown = conditions.condition_preview(config, images, cond, seg)
         cond.pop("mask", None)
     tokens = None if null_tokens is None else jnp.asarray(null_tokens)
     guided = ctype in ("class", "text") and sc.guidance != 1.0
@@ -245,7 +247,7 @@ def sample_grid(config, model, sched, fs: L.FirstStage, state: L.LDMState, null_
 
     def draw(cond, ids):
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(ids))
-        uncond = L.null_condition(config, cond, tokens) if guided else None
+        uncond = conditions.null_condition(config, cond, tokens) if guided else None
         return np.asarray(generate(params, fs.variables, cond, uncond, keys, scale))
 
     t0 = time.time()

@@ -22,7 +22,7 @@ STATE_ITEM = "state"
 
 def _item_metadata_noise(record: logging.LogRecord) -> bool:
     """Drops Orbax's "Metadata file does not exist: …/state/_CHECKPOINT_METADATA": reading the `state` item on its
-    own (restore_raw, inference.restore_ema) looks for that file in the item folder, where a CheckpointManager never
+    own (restore_raw, workdir.restore_ema) looks for that file in the item folder, where a CheckpointManager never
     writes it (it lives one level up, in the step folder, and is read there). Other missing-metadata warnings stay."""
     if not str(record.msg).startswith("Metadata file does not exist"):
         return True
