@@ -125,9 +125,10 @@ def make_trajectory_fn(ldm, steps: int, eta: float, guidance: float, eps_scale: 
             t, a_t, a_p, s, k = inp
             tb = jnp.full((x.shape[0],), t, jnp.int32)
             stat = jnp.mean(jnp.std(x.reshape(x.shape[0], -1), axis=1))
-            _, eps = to_x0_eps(sched, x, tb, model_fn(x, tb), cfg.diffusion.parameterization)
-            eps = eps / eps_scale
-            x0 = (x - jnp.sqrt(1 - a_t) * eps) / jnp.sqrt(a_t)
+            x0, eps = to_x0_eps(sched, x, tb, model_fn(x, tb), cfg.diffusion.parameterization)
+            if eps_scale != 1.0:
+                eps = eps / eps_scale
+                x0 = (x - jnp.sqrt(1 - a_t) * eps) / jnp.sqrt(a_t)
             x = jnp.sqrt(a_p) * x0 + jnp.sqrt(jnp.maximum(1 - a_p - s**2, 0.0)) * eps
             x = x + s * jax.random.normal(k, x.shape)
             return x, stat
