@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     guided = classifier_free_guidance(fn, {"label": lb}, null_condition(cfg, {"label": lb}, None), g, shared_x=True)
     lib = np.asarray(jax.jit(lambda x: ddim_sample(guided, ldm.sched, x.shape, jax.random.key(1), 50, 0.0,
-                                                   x_T=x))(xb))
+                                                   parameterization=cfg.diffusion.parameterization, x_T=x))(xb))
     loop_vs_library = float(np.max(np.abs(mine - lib)) / np.max(np.abs(lib)))
     C.log(f"trajectory loop vs library ddim_sample (eta 0, 50 steps): max rel diff {loop_vs_library:.2e}")
 
