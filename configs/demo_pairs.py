@@ -20,7 +20,10 @@ def get_config():
     c = ldm_config()
     c.first_stage.update(workdir="runs/ae", scale_by_std=True)
     c.condition.update(type="text", p_uncond=0.1, vocab_path="", vocab_size=200)
-    c.model.update(conditioning_key="crossattn", cond_stage="text", context_dim=64, text_layers=2, text_max_len=20,
+    # v-prediction + min-SNR-5 and a 4-layer τθ: pair accuracy 0.47 / 0.35 (seen / held-out) against 0.39 / 0.30 with
+    # eps-prediction and 2 layers, in the same 3000 steps (README).
+    c.diffusion.update(parameterization="v", snr_gamma=5.0)
+    c.model.update(conditioning_key="crossattn", cond_stage="text", context_dim=64, text_layers=4, text_max_len=20,
                    vocab_size=0)  # 0: the trained tokenizer's size
     # A third level (2×4 latents at ds 4): there every position sees the image's edges, so cross-attention can tell
     # left from right (the UNet has no positional encoding). Two levels (ds 1, 2) reached pair accuracy 0.24 / 0.15
