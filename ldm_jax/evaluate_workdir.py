@@ -83,8 +83,7 @@ def evaluate_autoencoder(workdir: str, *, num_samples: int = 2000, batch_size: i
                                        lpips_params, max_reservoir=min(E.MAX_RESERVOIR, num), seed=seed)
     for key in unavailable:
         metrics[key] = None
-    step = W.latest_step(workdir)
-    return {"stage": "autoencoder", "workdir": os.path.abspath(workdir), "checkpoint_step": step,
+    return {"stage": "autoencoder", "workdir": os.path.abspath(workdir), "checkpoint_step": fs.step,
             "model": f"{config.model.type}-f{fs.factor}", "split": split, "feature": feature, **metrics,
             "unavailable": unavailable, "seconds": time.time() - t0, "device": _device()}
 

@@ -51,23 +51,13 @@ def read_config(workdir: str, stage: str | None = None, field: str = "--workdir"
     return config
 
 
-def latest_step(workdir: str) -> int | None:
-    ckpt = Checkpointer(workdir, async_save=False)
-    try:
-        return ckpt.latest_step()
-    finally:
-        ckpt.close()
-
-
 def restore_state(workdir: str, field: str = "--workdir") -> tuple[dict, int]:
     """(the newest checkpoint's state as a tree of arrays, its step), read without a target."""
     ckpt = Checkpointer(workdir, async_save=False)
     try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{field}: no checkpoint under {ckpt.directory}")
+        step = _newest_step(ckpt, field)
         state, _ = ckpt.restore_raw(step)
-        return state, int(step)
+        return state, step
     finally:
         ckpt.close()
 
@@ -79,9 +69,7 @@ def restore_ema(workdir: str) -> tuple[dict, float, int]:
 
     ckpt = Checkpointer(workdir, async_save=False)
     try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"--workdir: no checkpoint under {ckpt.directory}")
+        step = _newest_step(ckpt, "--workdir")
         path = os.path.join(ckpt.directory, str(step), "state")
         try:
             with ocp.PyTreeCheckpointer() as reader:
@@ -97,7 +85,14 @@ def restore_ema(workdir: str) -> tuple[dict, float, int]:
             state, _ = ckpt.restore_raw(step)
     finally:
         ckpt.close()
-    return jax.tree.map(np.asarray, state["ema_params"]), float(np.asarray(state["scale_factor"])), int(step)
+    return jax.tree.map(np.asarray, state["ema_params"]), float(np.asarray(state["scale_factor"])), step
+
+
+def _newest_step(ckpt: Checkpointer, field: str) -> int:
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{field}: no checkpoint under {ckpt.directory}")
+    return int(step)
 
 
 @dataclass

@@ -107,13 +107,11 @@ def make_trajectory_fn(ldm, steps: int, eta: float, guidance: float, eps_scale: 
     DDIM as the reference (uniform spacing, +1 offset), eps divided by eps_scale."""
     from ldm_jax.conditions import null_condition
     from ldm_jax.diffusion.gaussian import to_x0_eps
-    from ldm_jax.diffusion.samplers import classifier_free_guidance, ddim_timesteps
+    from ldm_jax.diffusion.samplers import _ddim_alphas, classifier_free_guidance, ddim_timesteps
 
     cfg, sched, model = ldm.config, ldm.sched, ldm.model
     ts = ddim_timesteps(sched.num_timesteps, steps, "uniform")
-    ac = sched.alphas_cumprod
-    a, a_prev = ac[ts], jnp.concatenate([ac[:1], ac[ts[:-1]]])
-    sigma = eta * jnp.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+    a, a_prev, sigma = _ddim_alphas(sched, ts, eta)  # the library DDIM's coefficients
 
     @jax.jit
     def run(params, x_T, labels, key):
