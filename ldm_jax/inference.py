@@ -139,14 +139,15 @@ class LoadedLDM:
     _source: Any = field(default=None, repr=False)
 
     @classmethod
-    def load(cls, workdir: str, first_stage_workdir: str | None = None) -> LoadedLDM:
-        """Reads config.json, the latest checkpoint's EMA params and scale_factor, the first stage, the tokenizer."""
+    def load(cls, workdir: str, first_stage_workdir: str | None = None, step: int | None = None) -> LoadedLDM:
+        """Reads config.json, the EMA params and scale_factor of checkpoint `step` (default: the newest), the first
+        stage, the tokenizer."""
         config = W.read_config(workdir, "ldm")
         fs = W.load_first_stage(W.resolve_first_stage(workdir, config, first_stage_workdir))
         tokenizer = None
         if config.condition.type == "text":
             tokenizer = load_text_tokenizer(config, workdir)
-        params, scale, step = W.restore_ema(workdir)
+        params, scale, step = W.restore_ema(workdir, step)
         model = W.build_model(config, fs)
         return cls(config, model, fs, params, scale, W.make_schedule(config), step, workdir, tokenizer)
 

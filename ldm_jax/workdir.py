@@ -62,14 +62,18 @@ def restore_state(workdir: str, field: str = "--workdir") -> tuple[dict, int]:
         ckpt.close()
 
 
-def restore_ema(workdir: str) -> tuple[dict, float, int]:
-    """(EMA params, scale_factor, step) of a stage-2 workdir's newest checkpoint, without reading the optimizer
-    state (2x the params for Adam)."""
+def restore_ema(workdir: str, step: int | None = None) -> tuple[dict, float, int]:
+    """(EMA params, scale_factor, step) of a stage-2 workdir's checkpoint `step` (default: the newest), without
+    reading the optimizer state (2x the params for Adam)."""
     import orbax.checkpoint as ocp
 
     ckpt = Checkpointer(workdir, async_save=False)
     try:
-        step = _newest_step(ckpt, "--workdir")
+        if step is None:
+            step = _newest_step(ckpt, "--workdir")
+        elif step not in ckpt.manager.all_steps():
+            have = sorted(ckpt.manager.all_steps())
+            raise FileNotFoundError(f"--step: no checkpoint {step} under {ckpt.directory} (have {have})")
         path = os.path.join(ckpt.directory, str(step), "state")
         try:
             with ocp.PyTreeCheckpointer() as reader:

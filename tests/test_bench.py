@@ -36,8 +36,9 @@ def test_quick_json_has_every_case_with_medians_and_ratios(quick):
     assert res["meta"]["mode"] == "quick" and res["meta"]["reps"] == 2
     data = res["cases"].pop("data")  # a ratio of two ldm_jax pipelines
     variants = data["variants"]
-    assert set(variants) == {"single_thread", f"grain_{os.cpu_count()}_workers"}
-    assert data["ratio"] == pytest.approx(variants[f"grain_{os.cpu_count()}_workers"]["median_images_per_s"]
+    grain = f"grain_{os.cpu_count()}_workers"
+    assert set(variants) == {"single_thread", f"{grain}_float32", f"{grain}_uint8"}
+    assert data["ratio"] == pytest.approx(variants[f"{grain}_uint8"]["median_images_per_s"]
                                           / variants["single_thread"]["median_images_per_s"])
     assert "| data | single_thread |" in stdout
     assert res["cases"]["unet_train"]["sides"]["ours"]["step"].startswith("train.py's stage-2 step")

@@ -318,3 +318,20 @@ def test_config_errors(random_source):
                       ("data.resolution", {"resolution": 0})):
         with pytest.raises(ValueError, match=field):
             Preprocessor(**{"resolution": 8, **kw})
+
+
+def test_uint8_batches_convert_on_device_to_the_float_batches(random_source):
+    """train.py's pipeline ships uint8 (a quarter of the bytes); the steps' `as_float` under jit gives exactly the
+    float32 batch the host conversion gives."""
+    import jax
+
+    from ldm_jax.data.transforms import as_float
+
+    pre = Preprocessor(resolution=8, channels=3, mode="random_crop", random_flip=True)
+    floats = BatchIterator(random_source, 8, 3, pre).batch_at(2)
+    raw = BatchIterator(random_source, 8, 3, pre, uint8_images=True).batch_at(2)
+    assert raw["image"].dtype == np.uint8 and floats["image"].dtype == np.float32
+    assert raw["image"].nbytes * 4 == floats["image"].nbytes
+    np.testing.assert_array_equal(np.asarray(jax.jit(as_float)(raw["image"])), floats["image"])
+    np.testing.assert_array_equal(as_float(floats["image"]), floats["image"])  # float input passes through
+    np.testing.assert_array_equal(raw["label"], floats["label"])

@@ -24,6 +24,7 @@ from ldm_jax.data.transforms import (  # noqa: F401  (re-exported: the pipeline'
     PERM_TAG,
     PREPROCESS_MODES,
     Preprocessor,
+    as_float,
     pick_caption,
     to_channels,
     to_float,
@@ -32,6 +33,8 @@ from ldm_jax.data.transforms import (  # noqa: F401  (re-exported: the pipeline'
 
 class BatchIterator:
     """Batches dict(image=float32 (B_local, H, W, C) in [-1, 1], label=int32 (B_local,)); see module doc.
+    `uint8_images`: images stay uint8 (a quarter of the bytes through worker queues and host→device copies; the
+    train steps convert them on the device with `transforms.as_float`).
 
     With `text_fn` (captions → int32 token ids) and a captioned source, batches also hold `tokens` (B_local, L): one
     caption per example, picked by `pick_caption`, tokenised here in the input pipeline rather than in the step."""
@@ -39,7 +42,7 @@ class BatchIterator:
     def __init__(self, source, batch_size: int, seed: int, preprocessor: Preprocessor, *,
                  shuffle: bool = True, num_examples: int | None = None, num_epochs: int | None = None,
                  process_index: int = 0, process_count: int = 1, prefetch: int = 0, num_workers: int = 0,
-                 text_fn: Callable[[list[str]], np.ndarray] | None = None):
+                 text_fn: Callable[[list[str]], np.ndarray] | None = None, uint8_images: bool = False):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"train.batch_size must be a positive int, got {batch_size!r}")
         if process_count < 1 or not 0 <= process_index < process_count:
@@ -65,6 +68,7 @@ class BatchIterator:
             raise ValueError("data.latents: data.random_flip is on but the cache holds no flipped view (re-run "
                              "python -m ldm_jax.cache_latents with data.random_flip=True)")
         self.source, self.preprocessor, self.text_fn = source, preprocessor, text_fn
+        self.uint8_images = bool(uint8_images)
         self.batch_size, self.seed, self.shuffle, self.num_examples = batch_size, int(seed), shuffle, n
         self.process_index, self.process_count = process_index, process_count
         self.local_batch_size = batch_size // process_count
@@ -146,7 +150,8 @@ class BatchIterator:
         if self.latents:
             batch = {"moments": np.stack(images), "label": np.asarray(labels, np.int32)}
         else:
-            batch = {"image": to_float(np.stack(images)), "label": np.asarray(labels, np.int32)}
+            images = np.stack(images)
+            batch = {"image": images if self.uint8_images else to_float(images), "label": np.asarray(labels, np.int32)}
         if self.text_fn is not None:
             before = int(getattr(self.text_fn, "num_truncated", 0))
             batch["tokens"] = np.asarray(self.text_fn(captions), np.int32)
@@ -383,9 +388,10 @@ def make_source(data_cfg: config_dict.ConfigDict, split: str):
 def make_dataset(data_cfg: config_dict.ConfigDict, split: str, batch_size: int, seed: int,
                  process_index: int = 0, process_count: int = 1, *, augment: bool | None = None,
                  num_epochs: int | None = None, text_fn: Callable[[list[str]], np.ndarray] | None = None,
-                 source=None) -> BatchIterator:
+                 source=None, uint8_images: bool = False) -> BatchIterator:
     """This process's batches of `split`; augmentation (flip, random crop) defaults to split == 'train'.
-    `text_fn`: tokenise one caption per example into `tokens`; `source`: an already built `make_source`."""
+    `text_fn`: tokenise one caption per example into `tokens`; `source`: an already built `make_source`;
+    `uint8_images`: images as uint8 (converted by the consumer, e.g. on the device with `transforms.as_float`)."""
     preprocessor = Preprocessor(
         resolution=data_cfg.resolution, channels=data_cfg.channels, mode=data_cfg.preprocess,
         random_flip=bool(data_cfg.random_flip), augment=(split == "train") if augment is None else augment,
@@ -399,4 +405,5 @@ def make_dataset(data_cfg: config_dict.ConfigDict, split: str, batch_size: int, 
                          num_examples=data_cfg.get("num_examples"), num_epochs=num_epochs,
                          process_index=process_index, process_count=process_count,
                          prefetch=int(_field(data_cfg, "prefetch", 0)),
-                         num_workers=int(_field(data_cfg, "num_workers", 0)), text_fn=text_fn)
+                         num_workers=int(_field(data_cfg, "num_workers", 0)), text_fn=text_fn,
+                         uint8_images=uint8_images)

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from ldm_jax.data.transforms import as_float
 from ldm_jax.losses import autoencoder as ae_losses
 from ldm_jax.losses import gan
 from ldm_jax.losses.perceptual import make_lpips_fn
@@ -77,7 +78,7 @@ def make_train_step(config, model, disc, tx_g, tx_d, use_disc: bool):
     mutable = list(config_model_collections(model))
 
     def step(state: AEState, batch: dict, lpips_params: Any) -> tuple[AEState, dict]:
-        x = batch["image"]
+        x = as_float(batch["image"])  # uint8 from the pipeline: converted here, on the device
         key = jax.random.fold_in(base_key, state.step)
         k_post, k_vq, k_drop = jax.random.split(key, 3)
         lpips_fn = None

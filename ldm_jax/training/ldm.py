@@ -13,6 +13,7 @@ import numpy as np
 import optax
 
 from ldm_jax.conditions import null_condition, spatial_condition
+from ldm_jax.data.transforms import as_float
 from ldm_jax.diffusion import DiffusionSchedule, diffusion_loss
 from ldm_jax.diffusion.generate import check_sampling_options
 from ldm_jax.models.latent_diffusion import LatentDiffusionModel
@@ -100,14 +101,15 @@ def make_train_step(cfg, model: LatentDiffusionModel, first_stage: FirstStage, t
         key = jax.random.fold_in(base_key, state.step)
         k_post, k_mask, k_drop, k_loss, k_dropout = jax.random.split(key, 5)
         sample_key = k_post if cfg.first_stage.sample_posterior else None
+        # uint8 from the pipeline: converted here, on the device.
+        images = as_float(batch["image"]) if "image" in batch else None
         if "moments" in batch:  # from a latent cache (no spatial conditions: checked when the run starts)
             z = first_stage.from_moments(batch["moments"], sample_key) * state.scale_factor
         else:
-            images = batch["image"]
             z = jax.lax.stop_gradient(first_stage.encode(fs_vars, images, sample_key)) * state.scale_factor
         cond = {k: v for k, v in batch.items() if k in ("label", "tokens", "context")}
-        if "image" in batch:
-            cond.update(spatial_condition(cfg, first_stage, fs_vars, batch["image"], state.scale_factor, k_mask,
+        if images is not None:
+            cond.update(spatial_condition(cfg, first_stage, fs_vars, images, state.scale_factor, k_mask,
                                           segmentation=batch.get("segmentation")))
         cond.pop("mask", None)
         cond = drop_condition(cfg, cond, null_tokens, k_drop, cfg.condition.p_uncond)

@@ -51,7 +51,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         model, disc, tx_g, tx_d = ae.build_models(config)
         lpips_params = load_lpips_if_needed(config)
         train_ds = make_dataset(config.data, "train", tc.batch_size, config.seed, jax.process_index(),
-                                jax.process_count())
+                                jax.process_count(), uint8_images=True)
         image_shape = (*image_size(config.data), config.data.channels)
         if config.model.in_channels != config.data.channels:
             raise ValueError(f"model.in_channels={config.model.in_channels} but data.channels={config.data.channels}")

@@ -17,6 +17,7 @@ from ldm_jax import workdir as W
 from ldm_jax.data.images import make_grid, save_png, to_uint8
 from ldm_jax.data.pipeline import image_size, make_dataset, make_source
 from ldm_jax.data.text import TextEncoder, tokenize
+from ldm_jax.data.transforms import as_float
 from ldm_jax.diffusion.generate import make_sample_fn, sample_each
 from ldm_jax.training import common
 from ldm_jax.training import ldm as L
@@ -149,7 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         sched = W.make_schedule(config)
         tx = L.make_optimizer(config)
         ds = make_dataset(config.data, "train", tc.batch_size, config.seed, jax.process_index(),
-                          jax.process_count(), text_fn=text_fn, source=source)
+                          jax.process_count(), text_fn=text_fn, source=source, uint8_images=True)
         latent_shape = (h // fs.factor, w // fs.factor, fs.latent_channels)
         first = host_batch(config, ds.batch_at(0))
         fs_vars = common.replicate_to(fs.variables, mesh)
@@ -159,7 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             cond = {k: jnp.asarray(v[:1]) for k, v in first.items() if k not in ("image", "segmentation", "moments")}
             seg = jnp.asarray(first["segmentation"][:1]) if "segmentation" in first else None
             if "image" in first:
-                cond.update(conditions.spatial_condition(config, fs, fs.variables, jnp.asarray(first["image"][:1]),
+                cond.update(conditions.spatial_condition(config, fs, fs.variables, as_float(first["image"][:1]),
                                                          scale, key, segmentation=seg))
             cond.pop("mask", None)
             return L.init_state(config, model, tx, key, latent_shape, cond, scale)
@@ -171,7 +172,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             scale = float(config.first_stage.scale_factor)
             if config.first_stage.scale_by_std:
                 cached = "moments" in first
-                scale = L.first_batch_scale(fs, global_batch_images(first["moments" if cached else "image"]),
+                local = first["moments"] if cached else as_float(first["image"])
+                scale = L.first_batch_scale(fs, global_batch_images(local),
                                             scale_key(config), moments=cached)
                 logging.info("scale_by_std: scale_factor = %.5f", scale)
             return jax.jit(init_fn, out_shardings=state_sh)(jax.random.key(config.seed), scale)

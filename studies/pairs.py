@@ -1,0 +1,88 @@
+"""Study: what the Fashion-MNIST pairs model (configs/demo_pairs.py) gets right, per checkpoint and sampler.
+
+The training run's own evaluation (metrics.json) uses the config's sampler and guidance at the last step; this
+re-runs evaluation/pairs.py's plan on any saved checkpoint with other samplers and guidance scales, to tell
+what limits pair accuracy: garment identity (half accuracy) or placement (swap consistency, order accuracy: the
+share of samples showing both garments with the two sides exchanged).
+
+python studies/pairs.py --workdir runs/pairs [--steps 1000,2000,3000] [--settings ddim:25:1:3,dpmpp_2m:10:0:3]
+-> studies/results/NAME.json (NAME: --name, pairs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import _common as C
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", default="runs/pairs", help="a configs/demo_pairs.py workdir")
+    p.add_argument("--steps", default="", help="checkpoint steps, comma list (default: the newest)")
+    p.add_argument("--settings", default="ddim:25:1:3",
+                   help="SAMPLER:STEPS:ETA:GUIDANCE[:SPACING] comma list, e.g. ddim:25:1:3,dpmpp_2m:10:0:5:trailing "
+                   "(default spacing: the run's sampling.spacing)")
+    p.add_argument("--samples_per_pair", type=int, default=10)
+    p.add_argument("--batch_size", type=int, default=200)
+    p.add_argument("--name", default="pairs")
+    p.add_argument("--out", default=C.RESULTS)
+    args = p.parse_args(argv)
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ldm_jax import inference
+    from ldm_jax.evaluation.classifier import get_or_train_classifier
+    from ldm_jax.evaluation.pairs import eval_plan, pair_metrics, split_halves
+
+    _, logits_fn = get_or_train_classifier()
+    plan = eval_plan(args.samples_per_pair)
+    steps = [int(s) for s in args.steps.split(",")] if args.steps else [None]
+    runs = []
+    for step in steps:
+        ldm = inference.LoadedLDM.load(args.workdir, step=step)
+        for setting in args.settings.split(","):
+            sampler, n, eta, guidance, *spacing = setting.split(":")
+            t0, left, right = time.time(), [], []
+            for s in range(0, len(plan["a"]), args.batch_size):
+                ids = plan["noise_id"][s:s + args.batch_size]
+                prompts = list(plan["prompt"][s:s + args.batch_size])
+                images = _draw(ldm, ids, prompts, args.batch_size, sampler, int(n), float(eta), float(guidance),
+                               spacing[0] if spacing else ldm.config.sampling.spacing)
+                halves = split_halves(images)
+                preds = [np.argmax(np.asarray(logits_fn(jnp.asarray(h))), axis=-1) for h in halves]
+                left.append(preds[0])
+                right.append(preds[1])
+            pl, pr = np.concatenate(left), np.concatenate(right)
+            m = pair_metrics(pl, pr, plan)
+            m["order_swapped"] = float(np.mean((pl == plan["b"]) & (pr == plan["a"]) & (plan["a"] != plan["b"])))
+            m["set_accuracy"] = float(np.mean(((pl == plan["a"]) & (pr == plan["b"]))
+                                              | ((pl == plan["b"]) & (pr == plan["a"]))))
+            m.update(step=ldm.step, setting=setting, eval_s=time.time() - t0)
+            C.log({k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()})
+            runs.append(m)
+    result = {"workdir": args.workdir, "machine": C.machine(), "samples_per_pair": args.samples_per_pair,
+              "runs": runs}
+    C.write_result(args.name, result, args.out)
+    return result
+
+
+def _draw(ldm, ids, prompts, batch, sampler, steps, eta, guidance, spacing):
+    """Samples of `prompts` whose starting noise and sampler noise come from the plan's noise ids (a prompt and its
+    swap share them), as the training run's own evaluation; padded to one compiled batch."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    pad = batch - len(ids)
+    indices = np.concatenate([ids, np.zeros(pad, ids.dtype)]).astype(np.int32)
+    cond = {"tokens": jnp.asarray(ldm.tokens(list(prompts) + [""] * pad))}
+    gen = ldm._generator(sampler, steps, eta, guidance, 1, dict(spacing=spacing, karras=False, order=2,
+                                                                guidance_rescale=0.0))
+    images = gen(ldm.params, ldm.first_stage.variables, cond, {}, jnp.asarray(indices), 0, None, None)
+    return np.asarray(images)[: len(ids)]
+
+
+if __name__ == "__main__":
+    main()
