@@ -74,7 +74,6 @@ def ldm_config() -> ml_collections.ConfigDict:
             in_channels=3, out_channels=3, model_channels=224, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
             attention_resolutions=(8, 4, 2), num_heads=-1, num_head_channels=32, use_scale_shift_norm=False,
             resblock_updown=False, transformer_depth=1, dropout=0.0, remat_policy="", attention_impl="",
-            coord_embedding=False,  # not in the paper: position features after the input conv (models/unet.py)
         )),
     ))
     c.diffusion = ml_collections.ConfigDict(dict(

@@ -6,7 +6,11 @@ what limits pair accuracy: garment identity (half accuracy) or placement (swap c
 share of samples showing both garments with the two sides exchanged).
 
 python studies/pairs.py --workdir runs/pairs [--steps 1000,2000,3000] [--settings ddim:25:1:3,dpmpp_2m:10:0:3]
+    [--first_x0 1]
 -> studies/results/NAME.json (NAME: --name, pairs)
+
+--first_x0 1 also judges the network's x0 prediction at the first sampling step (t = T - 1, pure noise in), i.e.
+the layout the caption alone asks for before any step has committed to one.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "(default spacing: the run's sampling.spacing)")
     p.add_argument("--samples_per_pair", type=int, default=10)
     p.add_argument("--batch_size", type=int, default=200)
+    p.add_argument("--first_x0", type=int, default=0, help="1: also judge the x0 prediction at t = T - 1")
     p.add_argument("--name", default="pairs")
     p.add_argument("--out", default=C.RESULTS)
     args = p.parse_args(argv)
@@ -63,10 +68,46 @@ def main(argv: list[str] | None = None) -> dict:
             m.update(step=ldm.step, setting=setting, eval_s=time.time() - t0)
             C.log({k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()})
             runs.append(m)
+        if args.first_x0:
+            m = _first_x0(ldm, plan, logits_fn, args.batch_size)
+            C.log(m)
+            runs.append(m)
     result = {"workdir": args.workdir, "machine": C.machine(), "samples_per_pair": args.samples_per_pair,
               "runs": runs}
     C.write_result(args.name, result, args.out)
     return result
+
+
+def _first_x0(ldm, plan, logits_fn, batch) -> dict:
+    """Order of the garments in the conditional x0 prediction at t = T - 1 from standard noise (no guidance)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ldm_jax.diffusion.gaussian import to_x0_eps
+    from ldm_jax.evaluation.pairs import split_halves
+
+    t_last = ldm.config.diffusion.num_timesteps - 1
+    fs, par = ldm.first_stage, ldm.config.diffusion.parameterization
+
+    @jax.jit
+    def x0_image(params, x, tokens):
+        t = jnp.full((x.shape[0],), t_last, jnp.int32)
+        x0, _ = to_x0_eps(ldm.sched, x, t, ldm.model.apply({"params": params}, x, t, {"tokens": tokens}), par)
+        return jnp.clip(fs.decode(fs.variables, x0 / ldm.scale_factor), -1.0, 1.0)
+
+    right = swapped = 0
+    for s in range(0, len(plan["a"]), batch):
+        ids, a, b = plan["noise_id"][s:s + batch], plan["a"][s:s + batch], plan["b"][s:s + batch]
+        x = np.stack([np.random.default_rng([5, int(i)]).standard_normal(ldm.latent_shape()) for i in ids])
+        tokens = jnp.asarray(ldm.tokens(list(plan["prompt"][s:s + batch])))
+        img = x0_image(ldm.params, jnp.asarray(x, jnp.float32), tokens)
+        pl, pr = (np.argmax(np.asarray(logits_fn(jnp.asarray(h))), -1) for h in split_halves(np.asarray(img)))
+        right += int(((pl == a) & (pr == b)).sum())
+        swapped += int(((pl == b) & (pr == a) & (a != b)).sum())
+    n = len(plan["a"])
+    return {"step": ldm.step, "setting": f"x0 prediction at t={t_last}", "order_right": right / n,
+            "order_swapped": swapped / n}
 
 
 def _draw(ldm, ids, prompts, batch, sampler, steps, eta, guidance, spacing):

@@ -52,6 +52,14 @@ def test_demo_pairs_and_finetune_configs():
     c = load("demo_pairs")
     assert (c.data.name, c.data.resolution, c.data.width, c.data.random_flip) == ("fashion_mnist_pairs", 32, 64, False)
     assert c.condition.type == "text" and c.sampling.pair_eval_samples == 10
+    # The layout must come from the caption: at t = T the network sees pure noise, and sampling starts there.
+    from ldm_jax.diffusion.samplers import ddim_timesteps
+    from ldm_jax.workdir import make_schedule
+
+    d = c.diffusion
+    assert d.zero_terminal_snr and d.parameterization == "v" and d.snr_gamma == 0.0
+    assert float(make_schedule(c).alphas_cumprod[-1]) == 0.0
+    assert c.sampling.spacing == "trailing" and ddim_timesteps(1000, c.sampling.steps, "trailing").max() == 999
     c.model.latent_channels = 4
     _abstract_init_demo(c, latent_hw=(8, 16))
     f = load("finetune_sd")

@@ -475,27 +475,3 @@ def test_resblock_on_skip_parts_equals_resblock_on_the_concatenation():
     np.testing.assert_allclose(block.apply(p, parts, emb), block.apply(p, whole, emb), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="only supported without up/down"):
         ResBlock(64, up=True).init(jax.random.key(0), parts, emb)
-
-
-def test_coord_embedding_starts_as_the_plain_unet(st_unet):
-    """model.unet.coord_embedding: zero-initialised, so the UNet starts as the plain one (same params plus
-    coord_proj); a trained projection changes the output, and the features it projects tell positions apart."""
-    from ldm_jax.models.unet import coordinate_features
-
-    model, params, apply = st_unet
-    coord = UNetModel(**ST_CFG, coord_embedding=True)
-    shapes = jax.eval_shape(lambda k: coord.init(k, X8, T, CTX), KEY)["params"]
-    assert set(shapes) - set(params["params"]) == {"coord_proj"}
-    plain = perturb(params["params"])
-    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["coord_proj"])
-    coord_apply = fast_jit(coord.apply)
-    np.testing.assert_array_equal(coord_apply({"params": {**plain, "coord_proj": zero}}, X8, T, CTX),
-                                  apply({"params": plain}, X8, T, CTX))
-    trained = {**plain, "coord_proj": perturb(zero, scale=1.0)}
-    moved = coord_apply({"params": trained}, X8, T, CTX) - apply({"params": plain}, X8, T, CTX)
-    assert float(jnp.abs(moved).max()) > 1e-3
-    f = coordinate_features(2, 4)
-    assert f.shape == (1, 2, 4, 18)
-    np.testing.assert_allclose(f[0, 0, :, 1], [-0.75, -0.25, 0.25, 0.75])  # x of the pixel centres
-    flat = np.asarray(f[0]).reshape(8, 18)
-    assert len({tuple(np.round(r, 6)) for r in flat}) == 8  # every position has its own features

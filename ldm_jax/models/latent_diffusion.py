@@ -131,7 +131,6 @@ def build_latent_diffusion(cfg: ml_collections.ConfigDict, latent_channels: int)
         num_classes=cfg.n_classes if key == "adm" else None,
         remat_policy=u.get("remat_policy") or None,
         attention_impl=u.get("attention_impl") or default_attention_impl(cfg.get("dtype", "float32")),
-        coord_embedding=bool(u.get("coord_embedding", False)),
     )
     try:  # the UNet checks these again in setup(), i.e. inside a trace: fail here, eagerly, naming the section
         fields = inspect.signature(validate_unet_config).parameters

@@ -248,19 +248,6 @@ class AttentionBlock(nn.Module):
         return x + a.reshape(b, hh, ww, c).astype(x.dtype)
 
 
-def coordinate_features(height: int, width: int, octaves: int = 4) -> jax.Array:
-    """(1, H, W, 2 + 4 * octaves) features of the pixel centres' normalised coordinates y, x in (-1, 1): the
-    coordinates and sin/cos(2^k pi/2 * c), k < octaves. Normalised, so a model sampled at another size (size_factor)
-    still reads "left half" as the left half."""
-    y = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height * 2.0 - 1.0
-    x = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width * 2.0 - 1.0
-    yy, xx = jnp.meshgrid(y, x, indexing="ij")
-    coords = jnp.stack([yy, xx], -1)
-    freqs = (2.0 ** jnp.arange(octaves, dtype=jnp.float32)) * (jnp.pi / 2)
-    angles = (coords[..., None] * freqs).reshape(height, width, -1)
-    return jnp.concatenate([coords, jnp.sin(angles), jnp.cos(angles)], -1)[None]
-
-
 class UNetModel(nn.Module):
     """Diffusion UNet eps_theta(x, t, context, y) with the reference openaimodel structure; NHWC."""
 
@@ -283,10 +270,6 @@ class UNetModel(nn.Module):
     dtype: Dtype = jnp.float32
     remat_policy: str | None = None
     attention_impl: str | None = None
-    # Not in the reference: a learned projection of Fourier features of each position's normalised (y, x), added
-    # after the input conv. The UNet is otherwise translation-equivariant (position only leaks in through the
-    # convolutions' zero padding), so a caption's "left"/"right" has nothing to bind to (configs/demo_pairs.py).
-    coord_embedding: bool = False
 
     def setup(self) -> None:
         validate_unet_config(
@@ -330,8 +313,6 @@ class UNetModel(nn.Module):
                 return st_cls(ch, heads, ch // heads, self.transformer_depth, self.context_dim, dt, self.attention_impl)
             return AttentionBlock(ch, heads, dt, self.attention_impl)
 
-        if self.coord_embedding:
-            self.coord_proj = nn.Dense(mc, kernel_init=_zeros, dtype=dt)  # zero init: starts as the plain UNet
         inputs: list[list[nn.Module]] = [[nn.Conv(mc, (3, 3), padding="SAME", dtype=dt)]]
         ch, ds = mc, 1
         for level, mult in enumerate(self.channel_mult):
@@ -412,10 +393,8 @@ class UNetModel(nn.Module):
         if self.num_classes is not None:
             emb = repeat_batch(emb, n) + self.label_emb(y)
         h, hs = x.astype(self.dtype), []
-        for i, layers in enumerate(self.input_blocks):
+        for layers in self.input_blocks:
             h = self._run(layers, h, emb, context, train)
-            if i == 0 and self.coord_embedding:
-                h = h + self.coord_proj(coordinate_features(h.shape[1], h.shape[2])).astype(h.dtype)
             hs.append(h)
         h = self._run(self.middle_block, h, emb, context, train)
         for layers in self.output_blocks:
