@@ -71,8 +71,7 @@ def restore_ema(workdir: str, step: int | None = None) -> tuple[dict, float, int
     try:
         if step is None:
             step = _newest_step(ckpt, "--workdir")
-        elif step not in ckpt.manager.all_steps():
-            have = sorted(ckpt.manager.all_steps())
+        elif step not in (have := sorted(ckpt.manager.all_steps())):
             raise FileNotFoundError(f"--step: no checkpoint {step} under {ckpt.directory} (have {have})")
         path = os.path.join(ckpt.directory, str(step), "state")
         try:

@@ -36,13 +36,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     import jax.numpy as jnp
-    import numpy as np
 
     from ldm_jax import inference
     from ldm_jax.evaluation.classifier import get_or_train_classifier
-    from ldm_jax.evaluation.pairs import eval_plan, pair_metrics, split_halves
+    from ldm_jax.evaluation.pairs import eval_plan, judge_plan, pair_metrics
 
     _, logits_fn = get_or_train_classifier()
+    judge = lambda x: logits_fn(jnp.asarray(x))  # noqa: E731
     plan = eval_plan(args.samples_per_pair)
     steps = [int(s) for s in args.steps.split(",")] if args.steps else [None]
     runs = []
@@ -50,26 +50,20 @@ def main(argv: list[str] | None = None) -> dict:
         ldm = inference.LoadedLDM.load(args.workdir, step=step)
         for setting in args.settings.split(","):
             sampler, n, eta, guidance, *spacing = setting.split(":")
-            t0, left, right = time.time(), [], []
-            for s in range(0, len(plan["a"]), args.batch_size):
-                ids = plan["noise_id"][s:s + args.batch_size]
-                prompts = list(plan["prompt"][s:s + args.batch_size])
-                images = _draw(ldm, ids, prompts, args.batch_size, sampler, int(n), float(eta), float(guidance),
-                               spacing[0] if spacing else ldm.config.sampling.spacing)
-                halves = split_halves(images)
-                preds = [np.argmax(np.asarray(logits_fn(jnp.asarray(h))), axis=-1) for h in halves]
-                left.append(preds[0])
-                right.append(preds[1])
-            pl, pr = np.concatenate(left), np.concatenate(right)
-            m = pair_metrics(pl, pr, plan)
-            m["order_swapped"] = float(np.mean((pl == plan["b"]) & (pr == plan["a"]) & (plan["a"] != plan["b"])))
-            m["set_accuracy"] = float(np.mean(((pl == plan["a"]) & (pr == plan["b"]))
-                                              | ((pl == plan["b"]) & (pr == plan["a"]))))
+            t0 = time.time()
+            draw = _sampler(ldm, sampler, int(n), float(eta), float(guidance),
+                            spacing[0] if spacing else ldm.config.sampling.spacing)
+            pl, pr = judge_plan(plan, draw, args.batch_size, judge)
+            m = {**pair_metrics(pl, pr, plan), **_order(pl, pr, plan)}
             m.update(step=ldm.step, setting=setting, eval_s=time.time() - t0)
             C.log({k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()})
             runs.append(m)
         if args.first_x0:
-            m = _first_x0(ldm, plan, logits_fn, args.batch_size)
+            pl, pr = judge_plan(plan, _first_x0(ldm), args.batch_size, judge)
+            t_last = ldm.config.diffusion.num_timesteps - 1
+            order = _order(pl, pr, plan)
+            m = {"step": ldm.step, "setting": f"x0 prediction at t={t_last}",
+                 "order_right": order["set_accuracy"] - order["order_swapped"], "order_swapped": order["order_swapped"]}
             C.log(m)
             runs.append(m)
     result = {"workdir": args.workdir, "machine": C.machine(), "samples_per_pair": args.samples_per_pair,
@@ -78,14 +72,23 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def _first_x0(ldm, plan, logits_fn, batch) -> dict:
-    """Order of the garments in the conditional x0 prediction at t = T - 1 from standard noise (no guidance)."""
+def _order(pl, pr, plan) -> dict[str, float]:
+    """set_accuracy: both garments right in either order; order_swapped: both right, sides exchanged (A != B)."""
+    import numpy as np
+
+    a, b = plan["a"], plan["b"]
+    right, swapped = (pl == a) & (pr == b), (pl == b) & (pr == a) & (a != b)
+    return {"set_accuracy": float(np.mean(right | swapped)), "order_swapped": float(np.mean(swapped))}
+
+
+def _first_x0(ldm):
+    """draw(prompts, noise_ids) for evaluation/pairs.judge_plan: the conditional x0 prediction at t = T - 1 from
+    standard noise (no guidance), decoded."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from ldm_jax.diffusion.gaussian import to_x0_eps
-    from ldm_jax.evaluation.pairs import split_halves
 
     t_last = ldm.config.diffusion.num_timesteps - 1
     fs, par = ldm.first_stage, ldm.config.diffusion.parameterization
@@ -96,33 +99,27 @@ def _first_x0(ldm, plan, logits_fn, batch) -> dict:
         x0, _ = to_x0_eps(ldm.sched, x, t, ldm.model.apply({"params": params}, x, t, {"tokens": tokens}), par)
         return jnp.clip(fs.decode(fs.variables, x0 / ldm.scale_factor), -1.0, 1.0)
 
-    right = swapped = 0
-    for s in range(0, len(plan["a"]), batch):
-        ids, a, b = plan["noise_id"][s:s + batch], plan["a"][s:s + batch], plan["b"][s:s + batch]
+    def draw(prompts, ids):
         x = np.stack([np.random.default_rng([5, int(i)]).standard_normal(ldm.latent_shape()) for i in ids])
-        tokens = jnp.asarray(ldm.tokens(list(plan["prompt"][s:s + batch])))
-        img = x0_image(ldm.params, jnp.asarray(x, jnp.float32), tokens)
-        pl, pr = (np.argmax(np.asarray(logits_fn(jnp.asarray(h))), -1) for h in split_halves(np.asarray(img)))
-        right += int(((pl == a) & (pr == b)).sum())
-        swapped += int(((pl == b) & (pr == a) & (a != b)).sum())
-    n = len(plan["a"])
-    return {"step": ldm.step, "setting": f"x0 prediction at t={t_last}", "order_right": right / n,
-            "order_swapped": swapped / n}
+        return x0_image(ldm.params, jnp.asarray(x, jnp.float32), jnp.asarray(ldm.tokens(prompts)))
+
+    return draw
 
 
-def _draw(ldm, ids, prompts, batch, sampler, steps, eta, guidance, spacing):
-    """Samples of `prompts` whose starting noise and sampler noise come from the plan's noise ids (a prompt and its
-    swap share them), as the training run's own evaluation; padded to one compiled batch."""
+def _sampler(ldm, sampler, steps, eta, guidance, spacing):
+    """draw(prompts, noise_ids) for evaluation/pairs.judge_plan: samples whose starting and sampler noise come from
+    the plan's noise ids (a prompt and its swap share them), as the training run's own evaluation. LoadedLDM.sample
+    cannot do this (it cycles prompts over the sample indices), hence its compiled generator."""
     import jax.numpy as jnp
-    import numpy as np
 
-    pad = batch - len(ids)
-    indices = np.concatenate([ids, np.zeros(pad, ids.dtype)]).astype(np.int32)
-    cond = {"tokens": jnp.asarray(ldm.tokens(list(prompts) + [""] * pad))}
     gen = ldm._generator(sampler, steps, eta, guidance, 1, dict(spacing=spacing, karras=False, order=2,
                                                                 guidance_rescale=0.0))
-    images = gen(ldm.params, ldm.first_stage.variables, cond, {}, jnp.asarray(indices), 0, None, None)
-    return np.asarray(images)[: len(ids)]
+
+    def draw(prompts, ids):
+        cond = {"tokens": jnp.asarray(ldm.tokens(prompts))}
+        return gen(ldm.params, ldm.first_stage.variables, cond, {}, jnp.asarray(ids, jnp.int32), 0, None, None)
+
+    return draw
 
 
 if __name__ == "__main__":

@@ -193,6 +193,29 @@ def test_pair_metrics():
     np.testing.assert_array_equal(same, plan["noise_id"][(plan["a"] == 5) & (plan["b"] == 2)])
 
 
+
+def test_judge_plan_pads_to_one_batch_and_keeps_the_plan_order():
+    """The run's pair evaluation and studies/pairs.py judge through judge_plan: every draw gets exactly `batch` rows
+    (the last chunk padded with empty prompts), the padding is dropped, predictions come back in plan order."""
+    from ldm_jax.evaluation.pairs import eval_plan, judge_plan
+
+    plan = eval_plan(1)  # 100 rows: batch 30 leaves a last chunk of 10
+    classes = {p: (a, b) for p, a, b in zip(plan["prompt"], plan["a"], plan["b"], strict=True)} | {"": (0, 0)}
+    sizes = []
+
+    def draw(prompts, ids):  # each half painted with its class number
+        sizes.append((len(prompts), len(ids)))
+        img = np.zeros((len(prompts), 32, 64, 1), np.float32)
+        for i, p in enumerate(prompts):
+            img[i, :, :32], img[i, :, 32:] = classes[p]
+        return img
+
+    logits = lambda half: np.eye(10)[np.round(half.mean(axis=(1, 2, 3))).astype(int)]  # noqa: E731
+    left, right = judge_plan(plan, draw, 30, logits)
+    assert sizes == [(30, 30)] * 4
+    np.testing.assert_array_equal(left, plan["a"])
+    np.testing.assert_array_equal(right, plan["b"])
+
 _BUILD_CAPTIONED = textwrap.dedent("""
     import sys
     import numpy as np

@@ -59,7 +59,8 @@ def test_demo_pairs_and_finetune_configs():
     d = c.diffusion
     assert d.zero_terminal_snr and d.parameterization == "v" and d.snr_gamma == 0.0
     assert float(make_schedule(c).alphas_cumprod[-1]) == 0.0
-    assert c.sampling.spacing == "trailing" and ddim_timesteps(1000, c.sampling.steps, "trailing").max() == 999
+    assert c.sampling.spacing == "trailing"
+    assert ddim_timesteps(d.num_timesteps, c.sampling.steps, "trailing").max() == d.num_timesteps - 1
     c.model.latent_channels = 4
     _abstract_init_demo(c, latent_hw=(8, 16))
     f = load("finetune_sd")

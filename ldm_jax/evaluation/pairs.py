@@ -10,6 +10,8 @@ Each 32×64 sample is cut into its left and right 32×32 halves; the offline Fas
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ldm_jax.data.pairs import NUM_CLASSES, TEMPLATES, all_pairs, heldout_pairs, pair_captions
@@ -30,6 +32,21 @@ def split_halves(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, 32, 64, C) → left and right (N, 32, 32, C)."""
     w = images.shape[2] // 2
     return images[:, :, :w], images[:, :, w:]
+
+
+def judge_plan(plan: dict[str, np.ndarray], draw: Callable[[list[str], np.ndarray], np.ndarray], batch: int,
+               logits_fn: Callable) -> tuple[np.ndarray, np.ndarray]:
+    """The classifier's (left, right) classes for every row of `plan`. `draw(prompts, noise_ids)` returns images
+    (batch, 32, 64, C) for exactly `batch` rows: the last chunk is padded with empty prompts and noise id 0 (one
+    compiled batch size), and the padding's images are dropped."""
+    left, right = [], []
+    for s in range(0, len(plan["a"]), batch):
+        prompts, ids = list(plan["prompt"][s:s + batch]), plan["noise_id"][s:s + batch]
+        pad = batch - len(ids)
+        images = np.asarray(draw(prompts + [""] * pad, np.concatenate([ids, np.zeros(pad, ids.dtype)])))
+        for out, half in zip((left, right), split_halves(images[: len(ids)]), strict=True):
+            out.append(np.argmax(np.asarray(logits_fn(half)), axis=-1))
+    return np.concatenate(left), np.concatenate(right)
 
 
 def pair_metrics(pred_left: np.ndarray, pred_right: np.ndarray, plan: dict[str, np.ndarray]) -> dict[str, float]:

@@ -17,7 +17,7 @@ from ldm_jax import workdir as W
 from ldm_jax.data.images import make_grid, save_png, to_uint8
 from ldm_jax.data.pipeline import image_size, make_dataset, make_source
 from ldm_jax.data.text import TextEncoder, tokenize
-from ldm_jax.data.transforms import as_float
+from ldm_jax.data.transforms import to_float
 from ldm_jax.diffusion.generate import make_sample_fn, sample_each
 from ldm_jax.training import common
 from ldm_jax.training import ldm as L
@@ -160,7 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             cond = {k: jnp.asarray(v[:1]) for k, v in first.items() if k not in ("image", "segmentation", "moments")}
             seg = jnp.asarray(first["segmentation"][:1]) if "segmentation" in first else None
             if "image" in first:
-                cond.update(conditions.spatial_condition(config, fs, fs.variables, as_float(first["image"][:1]),
+                cond.update(conditions.spatial_condition(config, fs, fs.variables, to_float(first["image"][:1]),
                                                          scale, key, segmentation=seg))
             cond.pop("mask", None)
             return L.init_state(config, model, tx, key, latent_shape, cond, scale)
@@ -172,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             scale = float(config.first_stage.scale_factor)
             if config.first_stage.scale_by_std:
                 cached = "moments" in first
-                local = first["moments"] if cached else as_float(first["image"])
+                local = first["moments"] if cached else to_float(first["image"])  # the host's uint8 batch
                 scale = L.first_batch_scale(fs, global_batch_images(local),
                                             scale_key(config), moments=cached)
                 logging.info("scale_by_std: scale_factor = %.5f", scale)
@@ -272,20 +272,16 @@ def sample_grid(config, model, sched, fs: W.FirstStage, state: L.LDMState, null_
 def pair_evaluation(config, text_fn, draw, batch: int) -> dict[str, float]:
     """evaluation/pairs.py's figures on sampling.pair_eval_samples samples per ordered pair (the config's sampler)."""
     from ldm_jax.evaluation.classifier import get_or_train_classifier
-    from ldm_jax.evaluation.pairs import eval_plan, pair_metrics, split_halves
+    from ldm_jax.evaluation.pairs import eval_plan, judge_plan, pair_metrics
 
     plan = eval_plan(config.sampling.pair_eval_samples)
     _, logits_fn = get_or_train_classifier()
-    t0, preds = time.time(), []
-    for s in range(0, len(plan["a"]), batch):
-        prompts, ids = plan["prompt"][s:s + batch], plan["noise_id"][s:s + batch]
-        pad = batch - len(ids)  # one compiled batch size
-        tokens = tokenize(text_fn.tokenizer, list(prompts) + [""] * pad, text_fn.max_length)
-        images = draw({"tokens": jnp.asarray(tokens)}, np.concatenate([ids, np.zeros(pad, ids.dtype)]))
-        left, right = split_halves(images[: len(ids)])
-        preds.append([np.argmax(np.asarray(logits_fn(jnp.asarray(x))), axis=-1) for x in (left, right)])
-    pred_left = np.concatenate([p[0] for p in preds])
-    pred_right = np.concatenate([p[1] for p in preds])
+    t0 = time.time()
+
+    def draw_prompts(prompts: list[str], ids: np.ndarray) -> np.ndarray:
+        return draw({"tokens": jnp.asarray(tokenize(text_fn.tokenizer, prompts, text_fn.max_length))}, ids)
+
+    pred_left, pred_right = judge_plan(plan, draw_prompts, batch, lambda x: logits_fn(jnp.asarray(x)))
     out = pair_metrics(pred_left, pred_right, plan)
     out["pair_eval_s"] = time.time() - t0
     logging.info("pairs: %s", {k: round(v, 4) for k, v in out.items()})
